@@ -1,0 +1,88 @@
+#include "long_exposure/tensor_view.h"
+
+#include <sstream>
+
+namespace long_exposure {
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat16: return "float16";
+    case DType::kInt32: return "int32";
+  }
+  return "unknown";
+}
+
+int64_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32:
+    case DType::kInt32: return 4;
+    case DType::kBFloat16:
+    case DType::kFloat16: return 2;
+  }
+  return 0;
+}
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+bool TensorView::is_contiguous() const {
+  int64_t expected = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (shape[i] != 1 && strides[i] != expected) return false;
+    expected *= shape[i];
+  }
+  return true;
+}
+
+std::string shape_string(const TensorView& view) {
+  std::ostringstream out;
+  out << "[";
+  for (int i = 0; i < view.ndim; ++i) out << (i ? ", " : "") << view.shape[i];
+  out << "]";
+  return out.str();
+}
+
+void require(bool condition, const std::string& message) {
+  if (!condition) throw ContractError(message);
+}
+
+// -1 in `expected` accepts any size in that dimension.
+void require_shape(const TensorView& view, const char* name, std::initializer_list<int64_t> expected) {
+  require(view.defined(), std::string(name) + " is required");
+  bool ok = view.ndim == static_cast<int>(expected.size());
+  int i = 0;
+  for (int64_t size : expected) {
+    if (ok && size >= 0 && view.shape[i] != size) ok = false;
+    ++i;
+  }
+  if (!ok) {
+    std::ostringstream out;
+    out << name << " has shape " << shape_string(view) << ", expected [";
+    i = 0;
+    for (int64_t size : expected) {
+      out << (i++ ? ", " : "");
+      if (size >= 0) out << size; else out << "*";
+    }
+    out << "]";
+    throw ContractError(out.str());
+  }
+}
+
+void require_dtype(const TensorView& view, const char* name, DType expected) {
+  require(view.dtype == expected, std::string(name) + " has dtype " + dtype_name(view.dtype) +
+                                      ", expected " + dtype_name(expected));
+}
+
+void require_same_device(const TensorView& view, const char* name, const TensorView& reference) {
+  require(view.device == reference.device && view.device_index == reference.device_index,
+          std::string(name) + " is on another device than the operator's first input");
+}
+
+}  // namespace long_exposure
