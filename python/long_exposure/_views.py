@@ -1,0 +1,77 @@
+"""Torch tensors to core TensorViews, after the checks that give Python users clear errors.
+
+The core re-checks shapes and mask contents (C++ callers skip this file); what only Python can
+know well (torch dtypes, devices, autograd state) is checked here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.bfloat16: 2,
+    torch.float16: 3,
+    torch.int32: 4,
+}
+
+
+def view(tensor: torch.Tensor | None, name: str):
+    """The core's view of `tensor` (None stays None). The caller keeps the tensor alive."""
+    if tensor is None:
+        return None
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    code = _DTYPE_CODES.get(tensor.dtype)
+    if code is None:
+        raise TypeError(f"{name} has dtype {tensor.dtype}, which the core does not handle")
+    if tensor.device.type == "cpu":
+        device, index, stream = 0, 0, 0
+    elif tensor.device.type == "cuda":
+        device, index = 1, tensor.device.index
+        stream = torch.cuda.current_stream(tensor.device).cuda_stream
+    else:
+        raise ValueError(f"{name} is on {tensor.device}; Long Exposure runs on the CPU and CUDA")
+    return _C.TensorView(
+        tensor.data_ptr(), code, list(tensor.shape), list(tensor.stride()), device, index, stream
+    )
+
+
+def check_float(tensor: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
+    """`tensor` has the dtype and device of `like` (the op's first input)."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype}, expected {like.dtype} like the input")
+    if tensor.device != like.device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {like.device} like the input")
+
+
+def check_index(tensor: torch.Tensor, name: str, like: torch.Tensor, ndim: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.int32:
+        raise TypeError(f"{name} has dtype {tensor.dtype}, expected torch.int32")
+    if tensor.device != like.device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {like.device} like the input")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} has {tensor.dim()} dimensions, expected {ndim}")
+
+
+def check_shape(tensor: torch.Tensor | None, name: str, expected: tuple) -> None:
+    """`expected` holds sizes, with None for any size."""
+    if tensor is None:
+        return
+    shape = tuple(tensor.shape)
+    if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} has shape {list(shape)}, expected [{want}]")
+
+
+def cuda_kernels_available() -> bool:
+    return bool(_C.build_info()["cuda"])

@@ -1,0 +1,147 @@
+"""Block-sparse causal attention as torch.library custom ops with fake implementations and autograd."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _C
+from .._views import check_float, check_index, check_shape, view
+from ..formats import BlockLayout
+from .mlp import _require_kernel
+
+
+def _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError("q must be a [batch, heads, seq, head_dim] tensor")
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise TypeError(f"q has dtype {q.dtype}, expected float32, float64 or bfloat16")
+    B, H, S, D = q.shape
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        check_float(t, name, q)
+    check_shape(k, "k", (B, H, S, D))
+    check_shape(v, "v", (B, H, S, D))
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v come together")
+    if prefix_k is not None:
+        check_shape(prefix_k, "prefix_k", (B, H, None, D))
+        check_shape(prefix_v, "prefix_v", (B, H, prefix_k.shape[2], D))
+    if block <= 0:
+        raise ValueError(f"layout block must be positive, got {block}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    check_index(counts, "layout counts", q, 3)
+    check_index(indices, "layout indices", q, 4)
+    if counts.shape[0] not in (1, B):
+        raise ValueError(f"layout counts has batch {counts.shape[0]}, expected 1 or {B}")
+    n_q = -(-S // block)
+    check_shape(counts, "layout counts", (counts.shape[0], H, n_q))
+    check_shape(indices, "layout indices", (counts.shape[0], H, n_q, None))
+    return B, H, S, D
+
+
+def _last_dim_contiguous(t):
+    return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+
+
+@torch.library.custom_op("long_exposure::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+    counts: torch.Tensor, indices: torch.Tensor, block: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, S, D], lse [B, H, S] fp32). See cpp/include/long_exposure/attention.h."""
+    B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
+    _require_kernel(q.device, "attention_forward")
+    q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
+    counts, indices = counts.contiguous(), indices.contiguous()
+    out = q.new_empty(B, H, S, D)
+    lse = q.new_empty(B, H, S, dtype=torch.float32)
+    _C.attention_forward(
+        view(q, "q"), view(k, "k"), view(v, "v"), view(prefix_k, "prefix_k"), view(prefix_v, "prefix_v"),
+        view(counts, "layout counts"), view(indices, "layout indices"), block, scale, view(out, "out"), view(lse, "lse"),
+    )
+    return out, lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, prefix_k, prefix_v, counts, indices, block, scale):
+    B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
+    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=torch.float32)
+
+
+@torch.library.custom_op("long_exposure::attention_backward", mutates_args=())
+def attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
+    block: int, scale: float, need_dprefix: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are empty unless asked for."""
+    B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
+    check_float(dout, "dout", q)
+    check_shape(dout, "dout", (B, H, S, D))
+    check_float(out, "out", q)
+    check_shape(out, "out", (B, H, S, D))
+    check_shape(lse, "lse", (B, H, S))
+    _require_kernel(q.device, "attention_backward")
+    dout, q, k, v, prefix_k, prefix_v, out = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v, out))
+    counts, indices, lse = counts.contiguous(), indices.contiguous(), lse.contiguous()
+    need_dprefix = need_dprefix and prefix_k is not None
+    dq, dk, dv = (q.new_empty(B, H, S, D) for _ in range(3))
+    dpk = q.new_empty(prefix_k.shape) if need_dprefix else q.new_empty(0)
+    dpv = q.new_empty(prefix_v.shape) if need_dprefix else q.new_empty(0)
+    _C.attention_backward(
+        view(dout, "dout"), view(q, "q"), view(k, "k"), view(v, "v"), view(prefix_k, "prefix_k"),
+        view(prefix_v, "prefix_v"), view(out, "out"), view(lse, "lse"), view(counts, "layout counts"),
+        view(indices, "layout indices"), block, scale, view(dq, "dq"), view(dk, "dk"), view(dv, "dv"),
+        view(dpk, "dprefix_k") if need_dprefix else None, view(dpv, "dprefix_v") if need_dprefix else None,
+    )
+    return dq, dk, dv, dpk, dpv
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, out, lse, counts, indices, block, scale, need_dprefix):
+    B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
+    has = need_dprefix and prefix_k is not None
+    return (
+        *(q.new_empty(B, H, S, D) for _ in range(3)),
+        q.new_empty(prefix_k.shape) if has else q.new_empty(0),
+        q.new_empty(prefix_v.shape) if has else q.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, counts, indices, block, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, counts, indices)
+    ctx.block, ctx.scale = block, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, prefix_k, prefix_v, out, lse, counts, indices = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dq, dk, dv, dpk, dpv = attention_backward(
+        dout, q, k, v, prefix_k, prefix_v, out, lse, counts, indices, ctx.block, ctx.scale, bool(needs[3] or needs[4])
+    )
+    return (
+        dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+        dpk if needs[3] else None, dpv if needs[4] else None, None, None, None, None,
+    )
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float | None = None,
+    prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of [B, H, S, D] q, k, v over the layout's active key blocks, plus prefix keys.
+
+    `scale` defaults to 1/sqrt(head_dim).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _ = attention_forward(q, k, v, prefix_k, prefix_v, layout.counts, layout.indices, layout.block, float(scale))
+    return out

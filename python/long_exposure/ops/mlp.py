@@ -1,0 +1,184 @@
+"""The neuron-block MLP as torch.library custom ops with fake implementations and autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .._views import check_float, check_index, check_shape, view
+from ..formats import MlpMask
+
+
+def _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("x must be a [tokens, d_model] tensor")
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise TypeError(f"x has dtype {x.dtype}, expected float32, float64 or bfloat16")
+    tokens, d_model = x.shape
+    for name, t in (("w1 (fc1 weight)", w1), ("b1 (fc1 bias)", b1), ("w2 (fc2 weight)", w2), ("b2 (fc2 bias)", b2),
+                    ("lora1_u", lora1_u), ("lora1_b", lora1_b), ("lora2_a", lora2_a)):
+        check_float(t, name, x)
+    check_shape(w1, "w1 (fc1 weight)", (None, d_model))
+    d_ffn = w1.shape[0]
+    check_shape(w2, "w2 (fc2 weight)", (d_model, d_ffn))
+    check_shape(b1, "b1 (fc1 bias)", (d_ffn,))
+    check_shape(b2, "b2 (fc2 bias)", (d_model,))
+    if (lora1_u is None) != (lora1_b is None):
+        raise ValueError("lora1_u and lora1_b come together")
+    if lora1_u is not None:
+        check_shape(lora1_u, "lora1_u", (tokens, None))
+        check_shape(lora1_b, "lora1_b", (d_ffn, lora1_u.shape[1]))
+    check_shape(lora2_a, "lora2_a", (None, d_ffn))
+    if tile_m <= 0 or block_n <= 0:
+        raise ValueError(f"tile_m and block_n must be positive, got {tile_m} and {block_n}")
+    check_index(counts, "mask counts", x, 1)
+    check_index(indices, "mask indices", x, 2)
+    n_tiles = -(-tokens // tile_m)
+    check_shape(counts, "mask counts", (n_tiles,))
+    check_shape(indices, "mask indices", (n_tiles, None))
+    return tokens, d_model, d_ffn
+
+
+def _require_kernel(device: torch.device, op: str) -> None:
+    if device.type != "cpu":
+        raise RuntimeError(
+            f"long_exposure::{op} has no {device.type.upper()} kernel in this version "
+            f"(build_info: {_C.build_info()}); run it on CPU tensors"
+        )
+
+
+@torch.library.custom_op("long_exposure::mlp_forward", mutates_args=())
+def mlp_forward(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+    counts: torch.Tensor, indices: torch.Tensor, tile_m: int, block_n: int,
+    lora1_u: torch.Tensor | None, lora1_b: torch.Tensor | None, lora2_a: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, lora2_v); lora2_v is [tokens, 0] without lora2_a. See cpp/include/long_exposure/mlp.h."""
+    tokens, d_model, d_ffn = _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
+    _require_kernel(x.device, "mlp_forward")
+    args = [t.contiguous() if t is not None else None for t in (x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a)]
+    x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a = args
+    y = x.new_empty(tokens, d_model)
+    h = x.new_empty(tokens, d_ffn)
+    lora2_v = x.new_empty(tokens, 0 if lora2_a is None else lora2_a.shape[0])
+    _C.mlp_forward(
+        view(x, "x"), view(w1, "w1"), view(b1, "b1"), view(w2, "w2"), view(b2, "b2"),
+        view(counts, "mask counts"), view(indices, "mask indices"), tile_m, block_n,
+        view(lora1_u, "lora1_u"), view(lora1_b, "lora1_b"), view(lora2_a, "lora2_a"),
+        view(y, "y"), view(h, "h"), view(lora2_v, "lora2_v") if lora2_a is not None else None,
+    )
+    return y, h, lora2_v
+
+
+@mlp_forward.register_fake
+def _(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a):
+    tokens, d_model, d_ffn = _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
+    r2 = 0 if lora2_a is None else lora2_a.shape[0]
+    return x.new_empty(tokens, d_model), x.new_empty(tokens, d_ffn), x.new_empty(tokens, r2)
+
+
+@torch.library.custom_op("long_exposure::mlp_backward", mutates_args=())
+def mlp_backward(
+    dy: torch.Tensor, dlora2_v: torch.Tensor | None, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    h: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, tile_m: int, block_n: int,
+    lora1_u: torch.Tensor | None, lora1_b: torch.Tensor | None, lora2_a: torch.Tensor | None,
+    need_db1: bool, need_db2: bool, need_dlora1: bool, need_dlora2_a: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, db1, db2, dlora1_u, dlora1_b, dlora2_a); gradients not asked for are empty tensors."""
+    tokens, d_model, d_ffn = _check(x, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
+    check_float(dy, "dy", x)
+    check_shape(dy, "dy", (tokens, d_model))
+    check_float(h, "h", x)
+    check_shape(h, "h", (tokens, d_ffn))
+    _require_kernel(x.device, "mlp_backward")
+    args = [t.contiguous() if t is not None else None for t in (dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)]
+    dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
+    if dlora2_v is not None and dlora2_v.shape[1] == 0:
+        dlora2_v = None
+    empty = x.new_empty(0)
+    dx = x.new_empty(tokens, d_model)
+    db1 = x.new_empty(d_ffn) if need_db1 else empty
+    db2 = x.new_empty(d_model) if need_db2 else empty
+    need_dlora1 = need_dlora1 and lora1_u is not None
+    need_dlora2_a = need_dlora2_a and lora2_a is not None
+    dlora1_u = x.new_empty(lora1_u.shape) if need_dlora1 else empty
+    dlora1_b = x.new_empty(lora1_b.shape) if need_dlora1 else empty
+    dlora2_a = x.new_empty(lora2_a.shape) if need_dlora2_a else empty
+    if need_dlora2_a and dlora2_v is None:
+        dlora2_a.zero_()
+        need_dlora2_a = False
+    _C.mlp_backward(
+        view(dy, "dy"), view(dlora2_v, "dlora2_v"), view(x, "x"), view(w1, "w1"), view(w2, "w2"), view(h, "h"),
+        view(counts, "mask counts"), view(indices, "mask indices"), tile_m, block_n,
+        view(lora1_u, "lora1_u"), view(lora1_b, "lora1_b"), view(lora2_a, "lora2_a"),
+        view(dx, "dx"), view(db1, "db1") if need_db1 else None, view(db2, "db2") if need_db2 else None,
+        view(dlora1_u, "dlora1_u") if need_dlora1 else None, view(dlora1_b, "dlora1_b") if need_dlora1 else None,
+        view(dlora2_a, "dlora2_a") if need_dlora2_a else None,
+    )
+    return dx, db1, db2, dlora1_u, dlora1_b, dlora2_a
+
+
+@mlp_backward.register_fake
+def _(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a,
+      need_db1, need_db2, need_dlora1, need_dlora2_a):
+    tokens, d_model, d_ffn = _check(x, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
+    empty = x.new_empty(0)
+    has1, has2 = need_dlora1 and lora1_u is not None, need_dlora2_a and lora2_a is not None
+    return (
+        x.new_empty(tokens, d_model),
+        x.new_empty(d_ffn) if need_db1 else empty,
+        x.new_empty(d_model) if need_db2 else empty,
+        x.new_empty(lora1_u.shape) if has1 else empty,
+        x.new_empty(lora1_b.shape) if has1 else empty,
+        x.new_empty(lora2_a.shape) if has2 else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a = inputs
+    _, h, _ = output
+    ctx.save_for_backward(x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)
+    ctx.tile_m, ctx.block_n = tile_m, block_n
+    # h is kept for the backward pass only; gradients do not flow back through it.
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, _dh, dlora2_v):
+    x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if needs[1] or needs[3]:
+        raise RuntimeError("fc1/fc2 weights are frozen under Long Exposure: set requires_grad=False on w1 and w2")
+    dx, db1, db2, dlora1_u, dlora1_b, dlora2_a = mlp_backward(
+        dy, dlora2_v if lora2_a is not None else None, x, w1, w2, h, counts, indices, ctx.tile_m, ctx.block_n,
+        lora1_u, lora1_b, lora2_a, bool(needs[2]), bool(needs[4]), bool(needs[9] or needs[10]), bool(needs[11]),
+    )
+    return (
+        dx if needs[0] else None, None, db1 if needs[2] else None, None, db2 if needs[4] else None,
+        None, None, None, None,
+        dlora1_u if needs[9] else None, dlora1_b if needs[10] else None, dlora2_a if needs[11] else None,
+    )
+
+
+mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def neuron_block_mlp(
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None, mask: MlpMask, lora1_u: torch.Tensor | None = None,
+    lora1_b: torch.Tensor | None = None, lora2_a: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = fc2(relu(fc1(x))) over the mask's active (token tile, neuron block) pairs.
+
+    x may have any leading dimensions; they are flattened into the token axis the mask tiles.
+    Returns (y, lora2_v) with lora2_v = h @ lora2_a^T ([..., 0] without lora2_a).
+    """
+    if torch.is_grad_enabled() and (fc1_weight.requires_grad or fc2_weight.requires_grad):
+        raise ValueError("fc1/fc2 weights are frozen under Long Exposure: set requires_grad=False on them")
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    u1 = lora1_u.reshape(flat.shape[0], -1) if lora1_u is not None else None
+    y, _, lora2_v = mlp_forward(
+        flat, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mask.counts, mask.indices, mask.tile_m, mask.block_n,
+        u1, lora1_b, lora2_a,
+    )
+    return y.reshape(*lead, -1), lora2_v.reshape(*lead, -1)

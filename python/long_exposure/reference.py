@@ -1,0 +1,67 @@
+"""Pure-PyTorch reference of every Long Exposure op: the contract the C++ and CUDA kernels meet.
+
+Each function takes the same arguments as its op and computes the dense operator with the
+masked-out blocks' contributions removed, in the precision of its inputs (pass fp32 or fp64
+inputs for the high-precision reference). Autograd gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .formats import _dense_from_lists
+
+
+def mlp_active_neurons(counts, indices, n_tokens: int, n_neurons: int, tile_m: int, block_n: int) -> torch.Tensor:
+    """Boolean [n_tokens, n_neurons]: which (token, neuron) pairs the MLP mask computes."""
+    tiles = _dense_from_lists(counts, indices, math.ceil(n_neurons / block_n))
+    return tiles.repeat_interleave(tile_m, 0)[:n_tokens].repeat_interleave(block_n, 1)[:, :n_neurons]
+
+
+def neuron_block_mlp(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u=None, lora1_b=None, lora2_a=None):
+    """(y, h, lora2_v) of the neuron-block MLP; see cpp/include/long_exposure/mlp.h."""
+    pre = torch.nn.functional.linear(x, w1, b1)
+    if lora1_u is not None:
+        pre = pre + lora1_u @ lora1_b.t()
+    keep = mlp_active_neurons(counts, indices, x.shape[0], w1.shape[0], tile_m, block_n)
+    h = torch.where(keep, torch.relu(pre), torch.zeros((), dtype=pre.dtype, device=pre.device))
+    y = torch.nn.functional.linear(h, w2, b2)
+    lora2_v = h @ lora2_a.t() if lora2_a is not None else x.new_empty(x.shape[0], 0)
+    return y, h, lora2_v
+
+
+def attention_allowed(counts, indices, block: int, seq_len: int, prefix_len: int = 0) -> torch.Tensor:
+    """Boolean [Lb, H, S, P + S]: which keys each query attends (prefix first, then the sequence)."""
+    n = math.ceil(seq_len / block)
+    blocks = _dense_from_lists(counts, indices, n)
+    allowed = blocks.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :seq_len, :seq_len]
+    allowed = allowed & torch.ones(seq_len, seq_len, dtype=torch.bool, device=counts.device).tril()
+    if prefix_len:
+        prefix = torch.ones((*allowed.shape[:-1], prefix_len), dtype=torch.bool, device=counts.device)
+        allowed = torch.cat([prefix, allowed], dim=-1)
+    return allowed
+
+
+def block_sparse_attention(q, k, v, counts, indices, block, scale, prefix_k=None, prefix_v=None):
+    """(out, lse) of block-sparse causal attention; see cpp/include/long_exposure/attention.h.
+
+    Softmax statistics are kept in fp32 (fp64 for fp64 inputs), probabilities are cast back to the
+    input dtype before the product with V, as PyTorch's own math attention does.
+    """
+    B, H, S, _ = q.shape
+    if prefix_k is not None:
+        k = torch.cat([prefix_k, k], dim=2)
+        v = torch.cat([prefix_v, v], dim=2)
+    allowed = attention_allowed(counts, indices, block, S, k.shape[2] - S).expand(B, H, -1, -1)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.transpose(-1, -2)).to(stat_dtype) * scale
+    has_keys = allowed.any(dim=-1, keepdim=True)
+    # Empty rows get finite placeholder scores so that no -inf - -inf reaches autograd.
+    safe = scores.masked_fill(~allowed, -math.inf).masked_fill(~has_keys, 0.0)
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    p = torch.where(allowed, torch.exp(safe - lse), torch.zeros((), dtype=stat_dtype, device=q.device))
+    out = p.to(q.dtype) @ v
+    lse = lse.squeeze(-1).masked_fill(~has_keys.squeeze(-1), -math.inf)
+    return out, lse.float()
