@@ -95,15 +95,18 @@ def mlp_backward(
     dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
     if dlora2_v is not None and dlora2_v.shape[1] == 0:
         dlora2_v = None
-    empty = x.new_empty(0)
+    # Outputs may not alias each other, so each gradient not asked for is its own empty tensor.
+    def empty():
+        return x.new_empty(0)
+
     dx = x.new_empty(tokens, d_model)
-    db1 = x.new_empty(d_ffn) if need_db1 else empty
-    db2 = x.new_empty(d_model) if need_db2 else empty
+    db1 = x.new_empty(d_ffn) if need_db1 else empty()
+    db2 = x.new_empty(d_model) if need_db2 else empty()
     need_dlora1 = need_dlora1 and lora1_u is not None
     need_dlora2_a = need_dlora2_a and lora2_a is not None
-    dlora1_u = x.new_empty(lora1_u.shape) if need_dlora1 else empty
-    dlora1_b = x.new_empty(lora1_b.shape) if need_dlora1 else empty
-    dlora2_a = x.new_empty(lora2_a.shape) if need_dlora2_a else empty
+    dlora1_u = x.new_empty(lora1_u.shape) if need_dlora1 else empty()
+    dlora1_b = x.new_empty(lora1_b.shape) if need_dlora1 else empty()
+    dlora2_a = x.new_empty(lora2_a.shape) if need_dlora2_a else empty()
     if need_dlora2_a and dlora2_v is None:
         dlora2_a.zero_()
         need_dlora2_a = False
@@ -122,15 +125,14 @@ def mlp_backward(
 def _(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a,
       need_db1, need_db2, need_dlora1, need_dlora2_a):
     tokens, d_model, d_ffn = _check(x, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
-    empty = x.new_empty(0)
     has1, has2 = need_dlora1 and lora1_u is not None, need_dlora2_a and lora2_a is not None
     return (
         x.new_empty(tokens, d_model),
-        x.new_empty(d_ffn) if need_db1 else empty,
-        x.new_empty(d_model) if need_db2 else empty,
-        x.new_empty(lora1_u.shape) if has1 else empty,
-        x.new_empty(lora1_b.shape) if has1 else empty,
-        x.new_empty(lora2_a.shape) if has2 else empty,
+        x.new_empty(d_ffn if need_db1 else 0),
+        x.new_empty(d_model if need_db2 else 0),
+        x.new_empty(lora1_u.shape if has1 else 0),
+        x.new_empty(lora1_b.shape if has1 else 0),
+        x.new_empty(lora2_a.shape if has2 else 0),
     )
 
 

@@ -1,0 +1,199 @@
+import math
+
+import pytest
+import torch
+
+from long_exposure import BlockLayout, block_sparse_attention, ops, reference
+from masks import local_sink_layout, random_layout
+from tolerance import assert_close_fp32, assert_within_twice_reference
+
+# (batch, heads, seq, head_dim, block, prefix): ragged sequences, and one shorter than a block.
+SHAPES = [(2, 2, 64, 16, 16, 0), (1, 3, 50, 8, 16, 0), (2, 2, 37, 16, 8, 5), (1, 1, 5, 4, 16, 2)]
+LAYOUTS = ["random", "random_no_diagonal", "per_batch", "causal", "empty", "local_sink"]
+
+
+def make_layout(kind, B, H, S, block, g):
+    if kind == "random":
+        return random_layout(1, H, S, block, 0.5, generator=g)
+    if kind == "random_no_diagonal":
+        return random_layout(1, H, S, block, 0.5, generator=g, keep_diagonal=False)
+    if kind == "per_batch":
+        return random_layout(B, H, S, block, 0.5, generator=g)
+    if kind == "causal":
+        return BlockLayout.causal(H, S, block)
+    if kind == "empty":
+        n = math.ceil(S / block)
+        return BlockLayout.from_dense(torch.zeros(1, H, n, n, dtype=torch.bool), block)
+    return local_sink_layout(H, S, block)
+
+
+def make_inputs(shape, dtype, seed, requires_grad=True):
+    B, H, S, D, block, P = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=g).to(dtype).requires_grad_(requires_grad)
+
+    inputs = dict(q=rand(B, H, S, D), k=rand(B, H, S, D), v=rand(B, H, S, D),
+                  prefix_k=rand(B, H, P, D) if P else None, prefix_v=rand(B, H, P, D) if P else None)
+    return inputs, g
+
+
+def run_op(inputs, layout, scale):
+    return ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
+                                 layout.counts, layout.indices, layout.block, scale)
+
+
+def run_reference(inputs, layout, scale):
+    return reference.block_sparse_attention(inputs["q"], inputs["k"], inputs["v"], layout.counts, layout.indices,
+                                            layout.block, scale, inputs["prefix_k"], inputs["prefix_v"])
+
+
+def grads(fn, inputs, layout, scale, dout):
+    leaves = {k: v for k, v in inputs.items() if v is not None}
+    for v in leaves.values():
+        v.grad = None
+    out, _ = fn(inputs, layout, scale)
+    (out * dout).sum().backward()
+    return {k: (v.grad if v.grad is not None else torch.zeros_like(v)).clone() for k, v in leaves.items()}
+
+
+def cast(inputs, dtype):
+    return {k: (v.detach().to(dtype).requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_fp32_matches_reference(shape, kind):
+    inputs, g = make_inputs(shape, torch.float32, seed=hash((shape, kind)) % 1000)
+    B, H, S, D, block, _ = shape
+    layout = make_layout(kind, B, H, S, block, g)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = run_op(inputs, layout, scale)
+    ref_out, ref_lse = run_reference(inputs, layout, scale)
+    assert_close_fp32(out, ref_out, "out")
+    assert_close_fp32(lse, ref_lse, "lse")
+    dout = torch.randn(out.shape, generator=g)
+    ours, theirs = grads(run_op, inputs, layout, scale, dout), grads(run_reference, inputs, layout, scale, dout)
+    for name in ours:
+        assert_close_fp32(ours[name], theirs[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("kind", ["random", "causal"])
+def test_bf16_within_twice_reference_error(shape, kind):
+    low, g = make_inputs(shape, torch.bfloat16, seed=11)
+    B, H, S, D, block, _ = shape
+    layout = make_layout(kind, B, H, S, block, g)
+    scale = 1.0 / math.sqrt(D)
+    high = cast(low, torch.float32)
+    ref_out, ref_lse = run_reference(high, layout, scale)
+    out, lse = run_op(low, layout, scale)
+    low_out, low_lse = run_reference(cast(low, torch.bfloat16), layout, scale)
+    assert_within_twice_reference(out, low_out, ref_out.detach(), "out")
+    assert_within_twice_reference(lse, low_lse, ref_lse.detach(), "lse")
+    dout = torch.randn(out.shape, generator=g).bfloat16()
+    fp32 = grads(run_reference, high, layout, scale, dout.float())
+    ours = grads(run_op, low, layout, scale, dout)
+    theirs = grads(run_reference, cast(low, torch.bfloat16), layout, scale, dout)
+    for name in fp32:
+        assert_within_twice_reference(ours[name], theirs[name], fp32[name], f"grad {name}")
+
+
+def test_causal_layout_is_dense_causal_attention():
+    inputs, _ = make_inputs((2, 4, 45, 16, 16, 0), torch.float32, seed=1, requires_grad=False)
+    layout = BlockLayout.causal(4, 45, 16)
+    out = block_sparse_attention(inputs["q"], inputs["k"], inputs["v"], layout)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True)
+    assert_close_fp32(out, sdpa, "out")
+
+
+def test_prefix_matches_sdpa_with_prefix_mask():
+    inputs, _ = make_inputs((1, 2, 20, 8, 8, 4), torch.float32, seed=2, requires_grad=False)
+    layout = BlockLayout.causal(2, 20, 8)
+    out = block_sparse_attention(inputs["q"], inputs["k"], inputs["v"], layout,
+                                 prefix_k=inputs["prefix_k"], prefix_v=inputs["prefix_v"])
+    k = torch.cat([inputs["prefix_k"], inputs["k"]], 2)
+    v = torch.cat([inputs["prefix_v"], inputs["v"]], 2)
+    mask = torch.cat([torch.ones(20, 4, dtype=torch.bool), torch.ones(20, 20, dtype=torch.bool).tril()], 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(inputs["q"], k, v, attn_mask=mask)
+    assert_close_fp32(out, sdpa, "out")
+
+
+def test_strided_inputs_as_attention_modules_make_them():
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 24, 3, 2, 8, generator=g)  # [batch, seq, (q,k,v), heads, head_dim]
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    layout = random_layout(1, 2, 24, 8, 0.5, generator=g)
+    out = block_sparse_attention(q, k, v, layout)
+    ref, _ = reference.block_sparse_attention(q, k, v, layout.counts, layout.indices, 8, 8**-0.5)
+    assert_close_fp32(out, ref, "out")
+
+
+def test_rows_with_nothing_to_attend_are_zero_with_no_gradient():
+    inputs, g = make_inputs((1, 2, 16, 4, 8, 0), torch.float32, seed=4)
+    layout = make_layout("empty", 1, 2, 16, 8, g)
+    out, lse = run_op(inputs, layout, 0.5)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out.sum().backward()
+    assert torch.all(inputs["q"].grad == 0) and torch.all(inputs["k"].grad == 0)
+
+
+def test_gradcheck_float64():
+    inputs, g = make_inputs((1, 2, 11, 4, 4, 2), torch.float64, seed=5)
+    layout = random_layout(1, 2, 11, 4, 0.6, generator=g)
+
+    def fn(q, k, v, pk, pv):
+        return ops.attention_forward(q, k, v, pk, pv, layout.counts, layout.indices, layout.block, 0.5)[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")), atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_opcheck(prefix):
+    inputs, g = make_inputs((2, 2, 19, 8, 8, prefix), torch.float32, seed=6)
+    layout = random_layout(2, 2, 19, 8, 0.5, generator=g)
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"], layout.counts,
+            layout.indices, layout.block, 0.3)
+    torch.library.opcheck(ops.attention_forward, args)
+    out, lse = ops.attention_forward(*args)
+    detached = [t.detach() if t is not None else None for t in args[:5]]
+    back = (torch.randn_like(out), *detached, out.detach(), lse, layout.counts, layout.indices, layout.block, 0.3,
+            bool(prefix))
+    torch.library.opcheck(ops.attention_backward, back)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _valid():
+    inputs, g = make_inputs((1, 2, 16, 8, 8, 0), torch.float32, seed=7, requires_grad=False)
+    return inputs, BlockLayout.causal(2, 16, 8)
+
+
+def test_wrong_dtype_and_shape_name_the_argument():
+    inputs, layout = _valid()
+    with pytest.raises(TypeError, match="v has dtype torch.float64"):
+        ops.attention_forward(inputs["q"], inputs["k"], inputs["v"].double(), None, None, layout.counts,
+                              layout.indices, 8, 0.5)
+    with pytest.raises(ValueError, match=r"k has shape \[1, 2, 8, 8\], expected \[1, 2, 16, 8\]"):
+        ops.attention_forward(inputs["q"], inputs["k"][:, :, :8], inputs["v"], None, None, layout.counts,
+                              layout.indices, 8, 0.5)
+    with pytest.raises(ValueError, match=r"layout counts has shape \[1, 2, 2\], expected \[1, 2, 4\]"):
+        ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], None, None, layout.counts, layout.indices, 4, 0.5)
+    with pytest.raises(ValueError, match="prefix_k and prefix_v come together"):
+        ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], inputs["k"], None, layout.counts,
+                              layout.indices, 8, 0.5)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], None, None, layout.counts, layout.indices, 8, 0.0)
+
+
+def test_bad_layout_contents_are_refused():
+    inputs, layout = _valid()
+    indices = layout.indices.clone()
+    indices[0, 0, 1, 1] = 9
+    with pytest.raises(ValueError, match="lists block 9"):
+        ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], None, None, layout.counts, indices, 8, 0.5)
+    with pytest.raises(TypeError, match="layout indices has dtype torch.int64"):
+        ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], None, None, layout.counts,
+                              layout.indices.long(), 8, 0.5)

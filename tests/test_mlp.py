@@ -1,0 +1,229 @@
+import math
+
+import pytest
+import torch
+
+from long_exposure import MlpMask, neuron_block_mlp, ops, reference
+from masks import random_mlp_mask
+from tolerance import assert_close_fp32, assert_within_twice_reference
+
+# (tokens, d_model, d_ffn, tile_m, block_n): ragged tokens and ragged neuron blocks included.
+SHAPES = [(64, 32, 128, 16, 32), (50, 24, 96, 16, 32), (37, 16, 72, 8, 16), (8, 8, 32, 16, 32)]
+
+
+def make_inputs(shape, dtype, density, seed, bias=True, lora=True, requires_grad=True):
+    T, d, F, tm, bn = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*size, scale=1.0, grad=False):
+        t = (torch.randn(*size, generator=g) * scale).to(dtype)
+        return t.requires_grad_(grad and requires_grad)
+
+    inputs = dict(
+        x=rand(T, d, grad=True), w1=rand(F, d, scale=d**-0.5), b1=rand(F, scale=0.5, grad=True) if bias else None,
+        w2=rand(d, F, scale=F**-0.5), b2=rand(d, scale=0.5, grad=True) if bias else None,
+        lora1_u=rand(T, 4, grad=True) if lora else None, lora1_b=rand(F, 4, scale=0.3, grad=True) if lora else None,
+        lora2_a=rand(3, F, scale=0.3, grad=True) if lora else None,
+    )
+    mask = random_mlp_mask(T, F, tm, bn, density, generator=g)
+    return inputs, mask
+
+
+def run_op(inputs, mask):
+    y, h, v2 = ops.mlp_forward(
+        inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask.counts, mask.indices,
+        mask.tile_m, mask.block_n, inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"],
+    )
+    return y, h, v2
+
+
+def run_reference(inputs, mask):
+    return reference.neuron_block_mlp(
+        inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask.counts, mask.indices,
+        mask.tile_m, mask.block_n, inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"],
+    )
+
+
+def grads(fn, inputs, mask, dy, dv2):
+    leaves = {k: v for k, v in inputs.items() if v is not None and v.requires_grad}
+    for v in leaves.values():
+        v.grad = None
+    y, _, v2 = fn(inputs, mask)
+    loss = (y * dy).sum() + ((v2 * dv2).sum() if v2.numel() else 0)
+    loss.backward()
+    return {k: v.grad.clone() for k, v in leaves.items()}
+
+
+def cast(inputs, dtype):
+    return {k: (v.detach().to(dtype).requires_grad_(v.requires_grad) if v is not None else None) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("bias,lora", [(True, True), (False, False), (True, False)])
+def test_fp32_matches_reference(shape, density, bias, lora):
+    inputs, mask = make_inputs(shape, torch.float32, density, seed=hash((shape, density)) % 1000, bias=bias, lora=lora)
+    y, h, v2 = run_op(inputs, mask)
+    ry, rh, rv2 = run_reference(inputs, mask)
+    assert_close_fp32(y, ry, "y")
+    assert_close_fp32(h, rh, "h")
+    assert_close_fp32(v2, rv2, "lora2_v")
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g)
+    dv2 = torch.randn(v2.shape, generator=g)
+    ours, theirs = grads(run_op, inputs, mask, dy, dv2), grads(run_reference, inputs, mask, dy, dv2)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert_close_fp32(ours[name], theirs[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_bf16_within_twice_reference_error(shape, density):
+    # Every run sees the same bf16-representable values; only the arithmetic precision differs.
+    low, mask = make_inputs(shape, torch.bfloat16, density, seed=7)
+    high = cast(low, torch.float32)
+    ry = run_reference(high, mask)
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(ry[0].shape, generator=g).bfloat16()
+    dv2 = torch.randn(ry[2].shape, generator=g).bfloat16()
+    ours_out, ref_out = run_op(low, mask), run_reference(cast(low, torch.bfloat16), mask)
+    for name, a, b, c in zip(("y", "h", "lora2_v"), ours_out, ref_out, ry):
+        assert_within_twice_reference(a, b, c.detach(), name)
+    fp32_grads = grads(run_reference, high, mask, dy.float(), dv2.float())
+    ours = grads(run_op, low, mask, dy, dv2)
+    theirs = grads(run_reference, cast(low, torch.bfloat16), mask, dy, dv2)
+    for name in fp32_grads:
+        assert_within_twice_reference(ours[name], theirs[name], fp32_grads[name], f"grad {name}")
+
+
+def test_full_mask_is_the_dense_mlp():
+    inputs, _ = make_inputs((40, 16, 64, 16, 32), torch.float32, 1.0, seed=3, lora=False)
+    mask = MlpMask.full(40, 64, tile_m=16, block_n=32)
+    x = inputs["x"]
+    dense = torch.nn.functional.linear(
+        torch.relu(torch.nn.functional.linear(x, inputs["w1"], inputs["b1"])), inputs["w2"], inputs["b2"]
+    )
+    y, _ = neuron_block_mlp(x, inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask)
+    assert_close_fp32(y, dense, "y")
+
+
+def test_leading_dimensions_are_flattened_into_tokens():
+    inputs, mask = make_inputs((24, 16, 64, 8, 32), torch.float32, 0.5, seed=4)
+    x = inputs["x"]
+    y3, v3 = neuron_block_mlp(x.reshape(2, 12, 16), inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask,
+                              inputs["lora1_u"].reshape(2, 12, 4), inputs["lora1_b"], inputs["lora2_a"])
+    y, _, v2 = run_op(inputs, mask)
+    assert y3.shape == (2, 12, 16) and v3.shape == (2, 12, 3)
+    assert_close_fp32(y3.reshape(24, 16), y, "y")
+    assert_close_fp32(v3.reshape(24, 3), v2, "lora2_v")
+
+
+def test_gradcheck_float64():
+    inputs, mask = make_inputs((12, 6, 20, 4, 8), torch.float64, 0.6, seed=5)
+    names = list(inputs)
+
+    def fn(*args):
+        y, _, v2 = ops.mlp_forward(
+            args[0], args[1], args[2], args[3], args[4], mask.counts, mask.indices, mask.tile_m, mask.block_n,
+            args[5], args[6], args[7],
+        )
+        return y, v2
+
+    args = [inputs[n] for n in ("x", "w1", "b1", "w2", "b2", "lora1_u", "lora1_b", "lora2_a")]
+    assert names  # inputs were built
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_opcheck(lora):
+    inputs, mask = make_inputs((20, 8, 48, 8, 16), torch.float32, 0.5, seed=6, lora=lora)
+    args = (inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask.counts, mask.indices,
+            mask.tile_m, mask.block_n, inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"])
+    torch.library.opcheck(ops.mlp_forward, args)
+    y, h, v2 = ops.mlp_forward(*args)
+    back = (torch.randn_like(y), torch.randn_like(v2) if lora else None, inputs["x"].detach(), inputs["w1"],
+            inputs["w2"], h, mask.counts, mask.indices, mask.tile_m, mask.block_n,
+            *(t.detach() if t is not None else None for t in (inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"])),
+            True, True, lora, lora)
+    torch.library.opcheck(ops.mlp_backward, back)
+
+
+def test_inactive_neurons_get_no_bias_gradient():
+    inputs, _ = make_inputs((32, 8, 64, 16, 32), torch.float32, 1.0, seed=8, lora=False)
+    active = torch.tensor([[True, False], [True, False]])  # block 1 never active
+    mask = MlpMask.from_dense(active, 16, 32)
+    y, _ = neuron_block_mlp(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask)
+    y.sum().backward()
+    assert torch.all(inputs["b1"].grad[32:] == 0)
+    assert torch.any(inputs["b1"].grad[:32] != 0)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _valid():
+    inputs, mask = make_inputs((32, 8, 64, 16, 32), torch.float32, 1.0, seed=9, lora=False, requires_grad=False)
+    return inputs, mask
+
+
+def _call(inputs, counts, indices, tile_m=16, block_n=32):
+    return ops.mlp_forward(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], counts, indices,
+                           tile_m, block_n, None, None, None)
+
+
+def test_wrong_dtype_names_the_argument():
+    inputs, mask = _valid()
+    inputs["w2"] = inputs["w2"].double()
+    with pytest.raises(TypeError, match=r"w2 \(fc2 weight\) has dtype torch.float64, expected torch.float32"):
+        _call(inputs, mask.counts, mask.indices)
+    inputs, mask = _valid()
+    with pytest.raises(TypeError, match="mask counts has dtype torch.int64"):
+        _call(inputs, mask.counts.long(), mask.indices)
+    inputs, mask = _valid()
+    inputs = {k: (v.half() if v is not None else None) for k, v in inputs.items()}
+    with pytest.raises(TypeError, match="x has dtype torch.float16"):
+        _call(inputs, mask.counts, mask.indices)
+
+
+def test_wrong_shape_names_the_argument():
+    inputs, mask = _valid()
+    inputs["w2"] = inputs["w2"].t().contiguous()
+    with pytest.raises(ValueError, match=r"w2 \(fc2 weight\) has shape \[64, 8\], expected \[8, 64\]"):
+        _call(inputs, mask.counts, mask.indices)
+    inputs, mask = _valid()
+    with pytest.raises(ValueError, match=r"mask counts has shape \[2\], expected \[4\]"):
+        _call(inputs, mask.counts, mask.indices, tile_m=8)
+
+
+def test_bad_mask_contents_are_refused():
+    inputs, mask = _valid()
+    indices = mask.indices.clone()
+    indices[0, 0] = 7
+    with pytest.raises(ValueError, match="lists block 7"):
+        _call(inputs, mask.counts, indices)
+    counts = mask.counts.clone()
+    counts[1] = 5
+    with pytest.raises(ValueError, match="has count 5"):
+        _call(inputs, counts, mask.indices)
+    indices = mask.indices.flip(-1).contiguous()
+    with pytest.raises(ValueError, match="not sorted"):
+        _call(inputs, mask.counts, indices)
+
+
+def test_wrong_device_is_refused():
+    inputs, mask = _valid()
+    with pytest.raises(ValueError, match="mask counts is on meta"):
+        _call(inputs, mask.counts.to("meta"), mask.indices)
+
+
+def test_trainable_frozen_weights_are_refused():
+    inputs, mask = _valid()
+    inputs["w1"].requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        neuron_block_mlp(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], mask)
+
+
+def test_mask_count_matches_density():
+    mask = random_mlp_mask(1000, 4096, 64, 128, 0.25, generator=torch.Generator().manual_seed(0))
+    assert abs(mask.density(32).item() - 0.25) < 0.05
+    assert math.isclose(MlpMask.full(100, 300, 64, 128).density(3).item(), 1.0)
