@@ -40,25 +40,24 @@ def view(tensor: torch.Tensor | None, name: str):
     )
 
 
-def check_float(tensor: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
-    """`tensor` has the dtype and device of `like` (the op's first input)."""
-    if tensor is None:
-        return
+def _check_tensor(tensor, name: str, like: torch.Tensor, dtype: torch.dtype, dtype_note: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {tensor.dtype}, expected {like.dtype} like the input")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype}, expected {dtype}{dtype_note}")
     if tensor.device != like.device:
         raise ValueError(f"{name} is on {tensor.device}, expected {like.device} like the input")
+
+
+def check_float(tensor: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
+    """`tensor` has the dtype and device of `like` (the op's first input)."""
+    if tensor is not None:
+        _check_tensor(tensor, name, like, like.dtype, " like the input")
 
 
 def check_index(tensor: torch.Tensor, name: str, like: torch.Tensor, ndim: int) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype != torch.int32:
-        raise TypeError(f"{name} has dtype {tensor.dtype}, expected torch.int32")
-    if tensor.device != like.device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {like.device} like the input")
+    """`tensor` is an int32 block list on the device of `like`."""
+    _check_tensor(tensor, name, like, torch.int32, "")
     if tensor.dim() != ndim:
         raise ValueError(f"{name} has {tensor.dim()} dimensions, expected {ndim}")
 
