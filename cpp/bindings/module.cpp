@@ -10,6 +10,7 @@
 #include "long_exposure/build_info.h"
 #include "long_exposure/masks.h"
 #include "long_exposure/mlp.h"
+#include "long_exposure/pattern_pool.h"
 
 namespace py = pybind11;
 using namespace long_exposure;
@@ -24,7 +25,7 @@ TensorView make_view(uintptr_t data, int dtype, const std::vector<int64_t>& shap
   require(shape.size() == strides.size(), "shape and strides differ in length");
   require(shape.size() <= static_cast<size_t>(kMaxDims),
           "tensors of more than " + std::to_string(kMaxDims) + " dimensions are not supported");
-  require(dtype >= 0 && dtype <= static_cast<int>(DType::kInt32), "unknown dtype code");
+  require(dtype >= 0 && dtype <= static_cast<int>(DType::kInt64), "unknown dtype code");
   require(device == 0 || device == 1, "unknown device code");
   TensorView view;
   view.data = reinterpret_cast<void*>(data);
@@ -126,6 +127,31 @@ PYBIND11_MODULE(_C, m) {
         attention_backward(a);
       },
       py::call_guard<py::gil_scoped_release>());
+
+  m.def("atom_name", [](int kind, int64_t param) {
+    return atom_name(Atom{static_cast<AtomKind>(kind), param});
+  });
+
+  m.def(
+      "build_pattern_luts",
+      [](const std::vector<int>& kinds, const std::vector<int64_t>& params, int64_t n_blocks,
+         const TensorView& row_counts, const TensorView& row_indices, const TensorView& col_counts,
+         const TensorView& col_indices) {
+        require(kinds.size() == params.size(), "kinds and params differ in length");
+        std::vector<Atom> atoms;
+        for (size_t i = 0; i < kinds.size(); ++i)
+          atoms.push_back(Atom{static_cast<AtomKind>(kinds[i]), params[i]});
+        build_pattern_luts(atoms, n_blocks, row_counts, row_indices, col_counts, col_indices);
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def("combine_patterns", &combine_patterns, py::arg("lut_counts"), py::arg("lut_indices"),
+        py::arg("selection"), py::arg("out_counts"), py::arg("out_indices"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("project_patterns", &project_patterns, py::arg("lut_counts"), py::arg("lut_indices"),
+        py::arg("diagonal_atom"), py::arg("scores"), py::arg("recall"), py::arg("selection"),
+        py::arg("density"), py::arg("covered"), py::call_guard<py::gil_scoped_release>());
 
   m.def("transpose_block_lists", &transpose_block_lists, py::arg("counts"), py::arg("indices"),
         py::arg("out_counts"), py::arg("out_indices"), py::call_guard<py::gil_scoped_release>());

@@ -3,13 +3,27 @@
 #include <stdexcept>
 
 #include "long_exposure/masks.h"
+#include "long_exposure/pattern_pool.h"
 
 namespace long_exposure {
 
-void transpose_block_lists_cuda(const TensorView&, const TensorView&, const TensorView&,
-                                const TensorView&) {
+namespace {
+
+[[noreturn]] void no_cuda() {
   throw std::runtime_error(
       "long_exposure was built without CUDA; reinstall on a machine with nvcc to use CUDA tensors");
+}
+
+}  // namespace
+
+void transpose_block_lists_cuda(const TensorView&, const TensorView&, const TensorView&,
+                                const TensorView&) {
+  no_cuda();
+}
+
+void combine_patterns_cuda(const TensorView&, const TensorView&, const TensorView&,
+                           const TensorView&, const TensorView&) {
+  no_cuda();
 }
 
 }  // namespace long_exposure

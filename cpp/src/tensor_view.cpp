@@ -11,13 +11,15 @@ const char* dtype_name(DType dtype) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat16: return "float16";
     case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
   }
   return "unknown";
 }
 
 int64_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::kFloat64: return 8;
+    case DType::kFloat64:
+    case DType::kInt64: return 8;
     case DType::kFloat32:
     case DType::kInt32: return 4;
     case DType::kBFloat16:

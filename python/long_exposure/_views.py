@@ -16,6 +16,7 @@ _DTYPE_CODES = {
     torch.bfloat16: 2,
     torch.float16: 3,
     torch.int32: 4,
+    torch.int64: 5,
 }
 
 

@@ -142,3 +142,31 @@ class BlockLayout:
     def transpose(self):
         """Query blocks per key block, for dK/dV: (counts [Lb, H, n_k], indices [Lb, H, n_k, n_q])."""
         return transpose_block_lists(self.counts, self.indices, self.rows())
+
+    def to_block_mask(self, seq_len: int):
+        """The same layout as a FlexAttention BlockMask over a causal sequence of seq_len tokens.
+
+        Off-diagonal listed blocks become full blocks (no mask_mod call in the compiled kernel);
+        the diagonal ones stay partial. The mask_mod is exact on its own (causal and in a listed
+        block), because flex_attention's eager path applies it everywhere and skips no block.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        n = self.rows()
+        if -(-seq_len // self.block) != n:
+            raise ValueError(f"seq_len {seq_len} needs {-(-seq_len // self.block)} blocks of {self.block}, the layout has {n}")
+        active = self.to_dense()
+        diagonal = torch.eye(n, dtype=torch.bool, device=active.device)
+        partial_counts, partial_indices = _lists_from_dense(active & diagonal, None)
+        full_counts, full_indices = _lists_from_dense(active & ~diagonal, None)
+        block, shared = self.block, active.shape[0] == 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            listed = active[0 if shared else b, h, q_idx // block, kv_idx // block]
+            return listed & (q_idx >= kv_idx)
+
+        # FlexAttention reads past a row's count, so padding must be a valid block number.
+        return BlockMask.from_kv_blocks(
+            partial_counts, partial_indices.clamp(min=0), full_counts, full_indices.clamp(min=0),
+            BLOCK_SIZE=self.block, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+        )

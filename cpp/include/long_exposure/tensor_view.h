@@ -10,7 +10,8 @@
 
 namespace long_exposure {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kInt32 = 4 };
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kInt32 = 4,
+                            kInt64 = 5 };
 enum class DeviceKind : int32_t { kCPU = 0, kCUDA = 1 };
 
 const char* dtype_name(DType dtype);

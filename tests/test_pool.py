@@ -1,0 +1,176 @@
+import math
+
+import pytest
+import torch
+
+from long_exposure import BlockLayout, block_sparse_attention
+from long_exposure.pool import Atom, PatternPool, default_atoms
+from masks import random_layout
+
+
+def covers(atom: Atom, r: int, c: int) -> bool:
+    """Each atom's blocks, written out independently of the core."""
+    if c > r:
+        return False
+    return {
+        "local": r - c < atom.param,
+        "sink": c < atom.param,
+        "stripe": c == atom.param,
+        "slash": r - c == atom.param,
+        "dense": True,
+    }[atom.kind]
+
+
+def naive_union(atoms, chosen, n):
+    """Boolean [..., n, n] grid of the union of the chosen atoms."""
+    grids = torch.tensor([[[covers(a, r, c) for c in range(n)] for r in range(n)] for a in atoms], dtype=torch.bool)
+    return (chosen.unsqueeze(-1).unsqueeze(-1) & grids).any(dim=-3)
+
+
+def lists_of(grid):
+    """Sorted column lists (counts, indices padded with -1, capacity n) of a boolean [..., n, n] grid."""
+    n = grid.shape[-1]
+    counts = grid.sum(-1, dtype=torch.int32)
+    order = torch.where(grid, torch.arange(n), torch.arange(n) + n).sort(-1).values
+    return counts, torch.where(order < n, order, -1).int()
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 32, 64])
+def test_lookup_tables_follow_the_atom_definitions(n):
+    pool = PatternPool(n)
+    for a, atom in enumerate(pool.atoms):
+        grid = naive_union([atom], torch.ones(1, dtype=torch.bool), n)
+        counts, indices = lists_of(grid)
+        assert torch.equal(pool.row_counts[a], counts), str(atom)
+        assert torch.equal(pool.row_indices[a], indices), str(atom)
+        t_counts, t_indices = lists_of(grid.t())
+        assert torch.equal(pool.col_counts[a], t_counts), str(atom)
+        assert torch.equal(pool.col_indices[a], t_indices), str(atom)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 32, 64])
+def test_combination_equals_the_naive_union(n):
+    pool = PatternPool(n)
+    g = torch.Generator().manual_seed(n)
+    chosen = torch.rand(2, 3, len(pool.atoms), generator=g) < 0.15
+    chosen[0, 0] = False  # a head with no atom at all
+    layout, (q_counts, q_indices) = pool.combine(pool.selection(chosen), block=16)
+    union = naive_union(pool.atoms, chosen, n)
+    counts, indices = lists_of(union)
+    assert torch.equal(layout.counts, counts) and torch.equal(layout.indices, indices)
+    t_counts, t_indices = lists_of(union.transpose(-1, -2))
+    assert torch.equal(q_counts, t_counts) and torch.equal(q_indices, t_indices)
+
+
+def test_pools_of_more_than_64_atoms_use_several_words():
+    n = 80
+    pool = PatternPool(n)
+    assert len(pool.atoms) > 64 and pool.n_words == 2
+    chosen = torch.zeros(1, 2, len(pool.atoms), dtype=torch.bool)
+    chosen[0, 0, -2] = True  # stripe(79), in the second word
+    chosen[0, 1, [0, 70]] = True
+    selection = pool.selection(chosen)
+    assert torch.equal(pool.chosen(selection), chosen)
+    layout, _ = pool.combine(selection, 8)
+    assert torch.equal(layout.to_dense(), naive_union(pool.atoms, chosen, n))
+
+
+@pytest.mark.parametrize("recall", [0.5, 0.9, 0.99, 1.0])
+def test_projection_meets_its_recall_target(recall):
+    n = 16
+    pool = PatternPool(n)
+    g = torch.Generator().manual_seed(int(recall * 100))
+    scores = torch.rand(3, 4, n, n, generator=g) ** 4  # skewed mass, like post-softmax maps
+    selection, density, covered = pool.project(scores, recall)
+    assert selection.shape == (3, 4, pool.n_words)
+    assert torch.all(covered >= recall - 1e-6)
+    layout, _ = pool.combine(selection.reshape(1, 12, -1), 16)
+    grid = layout.to_dense().reshape(3, 4, n, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mass = (scores * grid).sum((-1, -2)) / (scores * causal).sum((-1, -2))
+    torch.testing.assert_close(mass, covered, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(density, grid.sum((-1, -2)) / (n * (n + 1) / 2), atol=1e-6, rtol=0)
+    assert torch.all(grid.diagonal(dim1=-2, dim2=-1)), "the diagonal is always included"
+
+
+def test_projection_finds_the_cheap_atom_behind_a_structured_map():
+    n = 32
+    pool = PatternPool(n)
+    scores = torch.zeros(n, n)
+    scores[:, 0] = 1.0  # a sink column ...
+    scores += torch.diag(torch.ones(n))  # ... and the diagonal
+    selection, density, covered = pool.project(scores.tril(), 1.0)
+    chosen = {str(a) for a, used in zip(pool.atoms, pool.chosen(selection)) if used}
+    assert chosen == {"local(1)", "sink(1)"}
+    assert covered.item() == pytest.approx(1.0)
+    assert density.item() == pytest.approx((2 * n - 1) / (n * (n + 1) / 2))
+
+
+def test_projection_of_an_empty_map_keeps_the_diagonal_only():
+    pool = PatternPool(8)
+    selection, density, covered = pool.project(torch.zeros(8, 8), 0.9)
+    assert [str(a) for a, used in zip(pool.atoms, pool.chosen(selection)) if used] == ["local(1)"]
+    assert covered.item() == 1.0 and density.item() == pytest.approx(8 / 36)
+
+
+def test_layout_agrees_with_flex_attention():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D, block = 2, 3, 77, 16, 16
+    layout = random_layout(B, H, S, block, 0.4, generator=g)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    ours = block_sparse_attention(q, k, v, layout)
+    theirs = flex.flex_attention(q, k, v, block_mask=layout.to_block_mask(S))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_pool_layouts_run_through_attention():
+    n, block, S = 6, 8, 44
+    pool = PatternPool(n)
+    chosen = torch.zeros(1, 2, len(pool.atoms), dtype=torch.bool)
+    chosen[0, 0, pool.index(Atom.local(2))] = True
+    chosen[0, 1, [pool.index(Atom.local(1)), pool.index(Atom.stripe(0))]] = True
+    layout, _ = pool.combine(pool.selection(chosen), block)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, S, 8, generator=g) for _ in range(3))
+    out = block_sparse_attention(q, k, v, layout)
+    same = BlockLayout.from_dense(naive_union(pool.atoms, chosen, n), block)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, same))
+
+
+def test_bad_pools_and_selections_are_refused():
+    with pytest.raises(ValueError, match="unknown atom kind"):
+        Atom("spiral", 1)
+    with pytest.raises(ValueError, match="stripe\\(9\\) lies outside a grid of 8 blocks"):
+        PatternPool(8, [Atom.local(1), Atom.stripe(9)])
+    with pytest.raises(ValueError, match="local\\(0\\): the width must be at least 1"):
+        PatternPool(8, [Atom.local(0)])
+    with pytest.raises(ValueError, match="twice"):
+        PatternPool(8, [Atom.local(1), Atom.local(1)])
+    pool = PatternPool(8)
+    with pytest.raises(ValueError, match="int64 bitset words"):
+        pool.combine(torch.zeros(1, 2, 2, dtype=torch.int64), 16)
+    with pytest.raises(ValueError, match="needs the diagonal"):
+        PatternPool(8, [Atom.sink(1)]).project(torch.ones(8, 8), 0.5)
+    with pytest.raises(ValueError, match=r"expected \[\.\.\., 8, 8\]"):
+        pool.project(torch.ones(7, 7), 0.5)
+
+
+def test_default_atoms_cover_the_grid():
+    atoms = default_atoms(32)
+    assert atoms[0] == Atom.local(1) and atoms[-1] == Atom.dense()
+    assert math.isclose(PatternPool(32, atoms).project(torch.ones(32, 32), 1.0)[2].item(), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 16, 33, 128])
+def test_cuda_combination_equals_cpu(n):
+    pool = PatternPool(n)
+    g = torch.Generator().manual_seed(n)
+    chosen = torch.rand(4, 32, len(pool.atoms), generator=g) < 0.1
+    selection = pool.selection(chosen)
+    cpu_layout, cpu_q = pool.combine(selection, 64)
+    gpu_layout, gpu_q = pool.to("cuda").combine(selection.cuda(), 64)
+    assert torch.equal(gpu_layout.counts.cpu(), cpu_layout.counts)
+    assert torch.equal(gpu_layout.indices.cpu(), cpu_layout.indices)
+    assert torch.equal(gpu_q[0].cpu(), cpu_q[0]) and torch.equal(gpu_q[1].cpu(), cpu_q[1])
