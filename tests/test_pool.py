@@ -62,6 +62,18 @@ def test_combination_equals_the_naive_union(n):
     assert torch.equal(q_counts, t_counts) and torch.equal(q_indices, t_indices)
 
 
+def test_several_layers_combine_in_one_call():
+    pool = PatternPool(12)
+    g = torch.Generator().manual_seed(3)
+    selection = pool.selection(torch.rand(3, 2, 4, len(pool.atoms), generator=g) < 0.2)
+    layouts, (q_counts, q_indices) = pool.combine(selection, 16)
+    assert layouts.counts.shape == (3, 2, 4, 12) and q_indices.shape == (3, 2, 4, 12, 12)
+    for layer in range(3):
+        one, (one_q_counts, one_q_indices) = pool.combine(selection[layer], 16)
+        assert torch.equal(layouts.counts[layer], one.counts) and torch.equal(layouts.indices[layer], one.indices)
+        assert torch.equal(q_counts[layer], one_q_counts) and torch.equal(q_indices[layer], one_q_indices)
+
+
 def test_pools_of_more_than_64_atoms_use_several_words():
     n = 80
     pool = PatternPool(n)

@@ -20,8 +20,16 @@ _DTYPE_CODES = {
 }
 
 
-def view(tensor: torch.Tensor | None, name: str):
-    """The core's view of `tensor` (None stays None). The caller keeps the tensor alive."""
+def current_stream(device: torch.device) -> int:
+    """The raw handle of torch's current stream on `device` (0 on the CPU)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def view(tensor: torch.Tensor | None, name: str, stream: int | None = None):
+    """The core's view of `tensor` (None stays None). The caller keeps the tensor alive.
+
+    `stream` spares the per-tensor stream lookup when a caller passes many views of one device.
+    """
     if tensor is None:
         return None
     if not isinstance(tensor, torch.Tensor):
@@ -33,7 +41,7 @@ def view(tensor: torch.Tensor | None, name: str):
         device, index, stream = 0, 0, 0
     elif tensor.device.type == "cuda":
         device, index = 1, tensor.device.index
-        stream = torch.cuda.current_stream(tensor.device).cuda_stream
+        stream = current_stream(tensor.device) if stream is None else stream
     else:
         raise ValueError(f"{name} is on {tensor.device}; Long Exposure runs on the CPU and CUDA")
     return _C.TensorView(

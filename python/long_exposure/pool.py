@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _C
-from ._views import view
+from ._views import current_stream, view
 from .formats import BlockLayout
 
 _KINDS = {"local": 0, "sink": 1, "stripe": 2, "slash": 3, "dense": 4}
@@ -124,30 +124,36 @@ class PatternPool:
         bits = (selection.unsqueeze(-1) >> shifts) & 1
         return bits.flatten(-2)[..., : len(self.atoms)].bool()
 
-    def _combine(self, counts, indices, selection):
-        selection = selection.contiguous()
+    def combine(self, selection: torch.Tensor, block: int) -> tuple[BlockLayout, tuple[torch.Tensor, torch.Tensor]]:
+        """The layout of each head's atom set: selection [..., Lb, H, W] -> (kv BlockLayout,
+        (q_counts, q_indices)), with the selection's leading dimensions kept (several layers can
+        be combined in one call; index the results per layer).
+
+        Runs on the pool's device; on CUDA it is enqueued with no host synchronisation.
+        """
+        if selection.dim() < 3:
+            raise ValueError("selection must have shape [..., batch or 1, heads, words]")
         if selection.dtype != torch.int64 or selection.shape[-1] != self.n_words:
             raise ValueError(f"selection must be int64 bitset words [..., {self.n_words}], got {selection.dtype} "
                              f"{list(selection.shape)}")
         if selection.device != self.device:
             raise ValueError(f"selection is on {selection.device}, the pool on {self.device}")
-        n = self.n_blocks
-        out_counts = torch.empty((*selection.shape[:-1], n), dtype=torch.int32, device=self.device)
-        out_indices = torch.empty((*selection.shape[:-1], n, n), dtype=torch.int32, device=self.device)
-        _C.combine_patterns(view(counts, "lut counts"), view(indices, "lut indices"), view(selection, "selection"),
-                            view(out_counts, "out_counts"), view(out_indices, "out_indices"))
-        return out_counts, out_indices
-
-    def combine(self, selection: torch.Tensor, block: int) -> tuple[BlockLayout, tuple[torch.Tensor, torch.Tensor]]:
-        """The layout of each head's atom set: selection [Lb, H, W] -> (kv BlockLayout, (q_counts, q_indices)).
-
-        Runs on the pool's device; on CUDA it is enqueued with no host synchronisation.
-        """
-        if selection.dim() != 3:
-            raise ValueError("selection must have shape [batch or 1, heads, words]")
-        kv = self._combine(self.row_counts, self.row_indices, selection)
-        q = self._combine(self.col_counts, self.col_indices, selection)
-        return BlockLayout(kv[0], kv[1], block), q
+        selection = selection.contiguous()
+        n, lead = self.n_blocks, selection.shape[:-1]
+        groups = selection.numel() // self.n_words
+        # One allocation for the four outputs: this runs once per layer per step.
+        storage = torch.empty(2 * groups * (n + n * n), dtype=torch.int32, device=self.device)
+        kv_counts, kv_indices, q_counts, q_indices = (
+            t.view(*lead, n, *extra)
+            for t, extra in zip(storage.split([groups * n, groups * n * n] * 2), ((), (n,), (), (n,)))
+        )
+        stream = current_stream(self.device)
+        sel = view(selection, "selection", stream)
+        _C.combine_patterns(view(self.row_counts, "lut counts", stream), view(self.row_indices, "lut indices", stream),
+                            sel, view(kv_counts, "kv_counts", stream), view(kv_indices, "kv_indices", stream))
+        _C.combine_patterns(view(self.col_counts, "lut counts", stream), view(self.col_indices, "lut indices", stream),
+                            sel, view(q_counts, "q_counts", stream), view(q_indices, "q_indices", stream))
+        return BlockLayout(kv_counts, kv_indices, block), (q_counts, q_indices)
 
     def project(self, scores: torch.Tensor, recall: float):
         """Cheapest atom set per head covering `recall` of each block score map, greedily.
