@@ -87,8 +87,15 @@ class PatternPool:
         _C.build_pattern_luts([_KINDS[a.kind] for a in atoms], [a.param for a in atoms], n,
                               *(view(t, name) for t, name in zip(tables, ("row_counts", "row_indices", "col_counts", "col_indices"))))
         self.row_counts, self.row_indices, self.col_counts, self.col_indices = (t.to(device) for t in tables)
+        self._cache_table_views()
         diagonal = [i for i, a in enumerate(atoms) if a in (Atom.local(1), Atom.slash(0))]
         self.diagonal_atom = diagonal[0] if diagonal else None
+
+    def _cache_table_views(self) -> None:
+        # The tables never change, and combination runs once per layer per step: build their
+        # views once (the pool keeps the tensors alive, so the pointers stay valid).
+        self._row_views = (view(self.row_counts, "lut counts"), view(self.row_indices, "lut indices"))
+        self._col_views = (view(self.col_counts, "lut counts"), view(self.col_indices, "lut indices"))
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +110,7 @@ class PatternPool:
         moved.__dict__.update(self.__dict__)
         for name in ("row_counts", "row_indices", "col_counts", "col_indices"):
             setattr(moved, name, getattr(self, name).to(device))
+        moved._cache_table_views()
         return moved
 
     def index(self, atom: Atom) -> int:
@@ -149,10 +157,10 @@ class PatternPool:
         )
         stream = current_stream(self.device)
         sel = view(selection, "selection", stream)
-        _C.combine_patterns(view(self.row_counts, "lut counts", stream), view(self.row_indices, "lut indices", stream),
-                            sel, view(kv_counts, "kv_counts", stream), view(kv_indices, "kv_indices", stream))
-        _C.combine_patterns(view(self.col_counts, "lut counts", stream), view(self.col_indices, "lut indices", stream),
-                            sel, view(q_counts, "q_counts", stream), view(q_indices, "q_indices", stream))
+        _C.combine_patterns(*self._row_views, sel, view(kv_counts, "kv_counts", stream),
+                            view(kv_indices, "kv_indices", stream))
+        _C.combine_patterns(*self._col_views, sel, view(q_counts, "q_counts", stream),
+                            view(q_indices, "q_indices", stream))
         return BlockLayout(kv_counts, kv_indices, block), (q_counts, q_indices)
 
     def project(self, scores: torch.Tensor, recall: float):
