@@ -16,17 +16,7 @@ namespace {
 
 template <typename T>
 TensorView view(std::vector<T>& data, std::vector<int64_t> shape, DType dtype) {
-  TensorView v;
-  v.data = data.data();
-  v.dtype = dtype;
-  v.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.shape[i] = shape[i];
-    v.strides[i] = stride;
-    stride *= shape[i];
-  }
-  return v;
+  return make_view(data.data(), dtype, shape);
 }
 
 }  // namespace

@@ -31,19 +31,7 @@ std::vector<Atom> bench_atoms() {
 
 template <typename T>
 TensorView view(T* data, std::initializer_list<int64_t> shape, DType dtype, DeviceKind device) {
-  TensorView v;
-  v.data = data;
-  v.dtype = dtype;
-  v.device = device;
-  v.ndim = static_cast<int>(shape.size());
-  int i = 0;
-  for (int64_t s : shape) v.shape[i++] = s;
-  int64_t stride = 1;
-  for (int d = v.ndim - 1; d >= 0; --d) {
-    v.strides[d] = stride;
-    stride *= v.shape[d];
-  }
-  return v;
+  return make_view(data, dtype, shape, device);
 }
 
 }  // namespace

@@ -19,7 +19,7 @@ namespace {
 
 using Opt = std::optional<TensorView>;
 
-TensorView make_view(uintptr_t data, int dtype, const std::vector<int64_t>& shape,
+TensorView view_from_python(uintptr_t data, int dtype, const std::vector<int64_t>& shape,
                      const std::vector<int64_t>& strides, int device, int device_index,
                      uintptr_t stream) {
   require(shape.size() == strides.size(), "shape and strides differ in length");
@@ -49,7 +49,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Long Exposure core: block-sparse operators over raw tensor views";
 
   py::class_<TensorView>(m, "TensorView")
-      .def(py::init(&make_view), py::arg("data"), py::arg("dtype"), py::arg("shape"),
+      .def(py::init(&view_from_python), py::arg("data"), py::arg("dtype"), py::arg("shape"),
            py::arg("strides"), py::arg("device"), py::arg("device_index"), py::arg("stream"))
       .def_property_readonly("shape", [](const TensorView& v) {
         return std::vector<int64_t>(v.shape, v.shape + v.ndim);

@@ -57,19 +57,17 @@ void require_lut(const TensorView& view, const char* name, std::initializer_list
   require(view.is_contiguous(), std::string(name) + " must be contiguous");
 }
 
-TensorView int32_view(std::vector<int32_t>& data, std::initializer_list<int64_t> shape) {
-  TensorView v;
-  v.data = data.data();
-  v.dtype = DType::kInt32;
-  v.ndim = static_cast<int>(shape.size());
-  int i = 0;
-  for (int64_t s : shape) v.shape[i++] = s;
-  int64_t stride = 1;
-  for (int d = v.ndim - 1; d >= 0; --d) {
-    v.strides[d] = stride;
-    stride *= v.shape[d];
-  }
-  return v;
+struct LutDims {
+  int64_t atoms, n, words;
+};
+
+// One table of a pool: counts [A, n] and indices [A, n, n].
+LutDims check_lut_pair(const TensorView& lut_counts, const TensorView& lut_indices) {
+  require(lut_counts.defined() && lut_counts.ndim == 2, "lut_counts must have shape [atoms, n]");
+  const int64_t A = lut_counts.size(0), n = lut_counts.size(1);
+  require_lut(lut_counts, "lut_counts", {A, n});
+  require_lut(lut_indices, "lut_indices", {A, n, n});
+  return {A, n, (A + 63) / 64};
 }
 
 }  // namespace
@@ -120,10 +118,10 @@ PatternPool::PatternPool(std::vector<Atom> atoms, int64_t n_blocks)
   build_pattern_luts(atoms_, n_, row_counts(), row_indices(), col_counts(), col_indices());
 }
 
-TensorView PatternPool::row_counts() const { return int32_view(row_counts_, {n_atoms(), n_}); }
-TensorView PatternPool::row_indices() const { return int32_view(row_indices_, {n_atoms(), n_, n_}); }
-TensorView PatternPool::col_counts() const { return int32_view(col_counts_, {n_atoms(), n_}); }
-TensorView PatternPool::col_indices() const { return int32_view(col_indices_, {n_atoms(), n_, n_}); }
+TensorView PatternPool::row_counts() const { return make_view(row_counts_.data(), DType::kInt32, {n_atoms(), n_}); }
+TensorView PatternPool::row_indices() const { return make_view(row_indices_.data(), DType::kInt32, {n_atoms(), n_, n_}); }
+TensorView PatternPool::col_counts() const { return make_view(col_counts_.data(), DType::kInt32, {n_atoms(), n_}); }
+TensorView PatternPool::col_indices() const { return make_view(col_indices_.data(), DType::kInt32, {n_atoms(), n_, n_}); }
 
 namespace {
 
@@ -134,10 +132,8 @@ struct CombineDims {
 CombineDims check_combine_args(const TensorView& lut_counts, const TensorView& lut_indices,
                                const TensorView& selection, const TensorView& out_counts,
                                const TensorView& out_indices) {
-  require(lut_counts.defined() && lut_counts.ndim == 2, "lut_counts must have shape [atoms, n]");
-  const int64_t A = lut_counts.size(0), n = lut_counts.size(1), W = (A + 63) / 64;
-  require_lut(lut_counts, "lut_counts", {A, n});
-  require_lut(lut_indices, "lut_indices", {A, n, n});
+  const LutDims dims = check_lut_pair(lut_counts, lut_indices);
+  const int64_t A = dims.atoms, n = dims.n, W = dims.words;
   require(selection.defined() && selection.ndim >= 1, "selection must have shape [..., words]");
   require_dtype(selection, "selection", DType::kInt64);
   require(selection.size(-1) == W, "selection has " + std::to_string(selection.size(-1)) +
@@ -213,10 +209,8 @@ void project_patterns(const TensorView& lut_counts, const TensorView& lut_indice
                       int64_t diagonal_atom, const TensorView& scores, double recall,
                       const TensorView& selection, const TensorView& density,
                       const TensorView& covered) {
-  require(lut_counts.defined() && lut_counts.ndim == 2, "lut_counts must have shape [atoms, n]");
-  const int64_t A = lut_counts.size(0), n = lut_counts.size(1), W = (A + 63) / 64;
-  require_lut(lut_counts, "lut_counts", {A, n});
-  require_lut(lut_indices, "lut_indices", {A, n, n});
+  const LutDims dims = check_lut_pair(lut_counts, lut_indices);
+  const int64_t A = dims.atoms, n = dims.n, W = dims.words;
   require(scores.defined() && scores.ndim == 3, "scores must have shape [maps, n, n]");
   const int64_t G = scores.size(0);
   require_shape(scores, "scores", {G, n, n});

@@ -43,6 +43,23 @@ bool TensorView::is_contiguous() const {
   return true;
 }
 
+TensorView make_view(void* data, DType dtype, const std::vector<int64_t>& shape, DeviceKind device) {
+  require(shape.size() <= static_cast<size_t>(kMaxDims), "too many dimensions for a TensorView");
+  TensorView v;
+  v.data = data;
+  v.dtype = dtype;
+  v.device = device;
+  v.ndim = static_cast<int>(shape.size());
+  int i = 0;
+  for (int64_t size : shape) v.shape[i++] = size;
+  int64_t stride = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.strides[d] = stride;
+    stride *= v.shape[d];
+  }
+  return v;
+}
+
 std::string shape_string(const TensorView& view) {
   std::ostringstream out;
   out << "[";

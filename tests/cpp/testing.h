@@ -52,17 +52,7 @@ inline int run_all() {
 template <typename T>
 long_exposure::TensorView view_of(std::vector<T>& data, std::vector<int64_t> shape,
                                   long_exposure::DType dtype) {
-  long_exposure::TensorView v;
-  v.data = data.data();
-  v.dtype = dtype;
-  v.ndim = static_cast<int>(shape.size());
-  int64_t stride = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    v.shape[i] = shape[i];
-    v.strides[i] = stride;
-    stride *= shape[i];
-  }
-  return v;
+  return long_exposure::make_view(data.data(), dtype, shape);
 }
 
 inline long_exposure::TensorView f32(std::vector<float>& d, std::vector<int64_t> s) {

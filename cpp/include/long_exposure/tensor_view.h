@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace long_exposure {
 
@@ -39,6 +40,10 @@ struct TensorView {
     return static_cast<T*>(data);
   }
 };
+
+// A contiguous view of `data` (for C++ callers, tests and benchmarks that own plain buffers).
+TensorView make_view(void* data, DType dtype, const std::vector<int64_t>& shape,
+                     DeviceKind device = DeviceKind::kCPU);
 
 // A contract violation by the caller: bad shape, dtype, device or mask contents. The bindings turn
 // it into Python's ValueError, so the message must name the argument and what was expected.
