@@ -1,0 +1,75 @@
+"""A small ReLU OPT, built from OPTConfig and pretrained here on the corpus.
+
+Real checkpoints cannot be downloaded on these machines. A small model trained on real text has
+real activation statistics (sparse ReLU activations, structured attention), which is what the
+exposer, the predictors and the quality test need; random weights do not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import ByteTokenizer
+
+
+def small_opt_config(hidden: int = 128, layers: int = 4, heads: int = 4, ffn: int = 512, max_positions: int = 512):
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+        num_attention_heads=heads, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
+        do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
+        pad_token_id=ByteTokenizer.separator, bos_token_id=ByteTokenizer.separator,
+        eos_token_id=ByteTokenizer.separator,
+    )
+
+
+def build_small_opt(seed: int = 0, **config):
+    from transformers import OPTForCausalLM
+
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(small_opt_config(**config))
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
+             progress: bool = True) -> list[float]:
+    """Plain next-token training on [n, seq] token blocks; returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="pretraining", disable=not progress, leave=False)
+    for _ in bar:
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token loss over the blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+        count += len(batch)
+    return total / count
