@@ -11,6 +11,7 @@
 #include "long_exposure/masks.h"
 #include "long_exposure/mlp.h"
 #include "long_exposure/pattern_pool.h"
+#include "long_exposure/predictors.h"
 
 namespace py = pybind11;
 using namespace long_exposure;
@@ -152,6 +153,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("project_patterns", &project_patterns, py::arg("lut_counts"), py::arg("lut_indices"),
         py::arg("diagonal_atom"), py::arg("scores"), py::arg("recall"), py::arg("selection"),
         py::arg("density"), py::arg("covered"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "mlp_predictor_mask",
+      [](const TensorView& x, const TensorView& down, const TensorView& up, const TensorView& bias,
+         double threshold, int64_t tile_m, const TensorView& counts, const TensorView& indices,
+         const TensorView& tile_max) {
+        MlpPredictorArgs a;
+        a.x = x; a.down = down; a.up = up; a.bias = bias; a.threshold = threshold; a.tile_m = tile_m;
+        a.counts = counts; a.indices = indices; a.tile_max = tile_max;
+        mlp_predictor_mask(a);
+      },
+      py::arg("x"), py::arg("down"), py::arg("up"), py::arg("bias"), py::arg("threshold"),
+      py::arg("tile_m"), py::arg("counts"), py::arg("indices"), py::arg("tile_max"),
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "attention_block_scores",
+      [](const TensorView& hidden, const TensorView& wq, const TensorView& wk, int64_t block,
+         const TensorView& pooled, const TensorView& scores) {
+        AttentionBlockScoresArgs a;
+        a.hidden = hidden; a.wq = wq; a.wk = wk; a.block = block; a.pooled = pooled; a.scores = scores;
+        attention_block_scores(a);
+      },
+      py::arg("hidden"), py::arg("wq"), py::arg("wk"), py::arg("block"), py::arg("pooled"),
+      py::arg("scores"), py::call_guard<py::gil_scoped_release>());
 
   m.def("transpose_block_lists", &transpose_block_lists, py::arg("counts"), py::arg("indices"),
         py::arg("out_counts"), py::arg("out_indices"), py::call_guard<py::gil_scoped_release>());

@@ -4,6 +4,7 @@
 
 #include "long_exposure/masks.h"
 #include "long_exposure/pattern_pool.h"
+#include "long_exposure/predictors.h"
 
 namespace long_exposure {
 
@@ -25,5 +26,9 @@ void combine_patterns_cuda(const TensorView&, const TensorView&, const TensorVie
                            const TensorView&, const TensorView&) {
   no_cuda();
 }
+
+void mlp_predictor_mask_cuda(const MlpPredictorArgs&) { no_cuda(); }
+
+void attention_block_scores_cuda(const AttentionBlockScoresArgs&) { no_cuda(); }
 
 }  // namespace long_exposure

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .formats import _dense_from_lists
+from .formats import _dense_from_lists, _lists_from_dense
 
 
 def mlp_active_neurons(counts, indices, n_tokens: int, n_neurons: int, tile_m: int, block_n: int) -> torch.Tensor:
@@ -65,3 +65,45 @@ def block_sparse_attention(q, k, v, counts, indices, block, scale, prefix_k=None
     out = p.to(q.dtype) @ v
     lse = lse.squeeze(-1).masked_fill(~has_keys.squeeze(-1), -math.inf)
     return out, lse.float()
+
+
+def mlp_predictor_tile_max(x, down, up, bias, tile_m: int) -> torch.Tensor:
+    """fp32 [n_tiles, n_blocks]: the largest predictor logit of each block over each tile of tokens.
+
+    z = x @ down^T is kept in x's dtype (bf16 inputs round it, as a bf16 model stores it); the
+    product with up and the bias are in fp32. See cpp/include/long_exposure/predictors.h.
+    """
+    logits = torch.addmm(bias.float(), (x @ down.t()).float(), up.float().t())
+    tokens, n_blocks = logits.shape
+    n_tiles = math.ceil(tokens / tile_m)
+    pad = logits.new_full((n_tiles * tile_m - tokens, n_blocks), -math.inf)
+    return torch.cat([logits, pad]).view(n_tiles, tile_m, n_blocks).amax(1)
+
+
+def mlp_mask_from_tile_max(tile_max: torch.Tensor, threshold: float):
+    """(counts, indices) of the blocks whose tile maximum exceeds `threshold`; a tile where none
+    does keeps its best block (the lowest on ties, as argmax picks)."""
+    active = tile_max > threshold
+    best = torch.arange(tile_max.shape[1], device=tile_max.device) == tile_max.argmax(1, keepdim=True)
+    active |= best & ~active.any(1, keepdim=True)
+    return _lists_from_dense(active, None)
+
+
+def mlp_predictor_mask(x, down, up, bias, threshold: float, tile_m: int):
+    """(counts, indices, tile_max) of the MLP predictor: the predicted MlpMask with capacity n_blocks."""
+    tile_max = mlp_predictor_tile_max(x, down, up, bias, tile_m)
+    return (*mlp_mask_from_tile_max(tile_max, threshold), tile_max)
+
+
+def attention_block_scores(hidden, wq, wk, block: int) -> torch.Tensor:
+    """fp32 [B, H, n, n] causal block score maps of the attention predictor, all in fp32."""
+    batch, seq, d_model = hidden.shape
+    n = math.ceil(seq / block)
+    padded = torch.cat([hidden.float(), hidden.new_zeros(batch, n * block - seq, d_model, dtype=torch.float32)], 1)
+    sizes = (seq - torch.arange(n, device=hidden.device) * block).clamp(max=block)
+    pooled = padded.view(batch, n, block, d_model).sum(2) / sizes.unsqueeze(-1)
+    qs = torch.einsum("bnd,hrd->bhnr", pooled, wq.float())
+    ks = torch.einsum("bnd,hrd->bhnr", pooled, wk.float())
+    scores = qs @ ks.transpose(-1, -2) / math.sqrt(wq.shape[1])
+    causal = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril()
+    return torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
