@@ -44,11 +44,23 @@ def test_held_out_mass_recall_meets_the_target(fitted):
 
 def test_every_tile_keeps_at_least_one_block():
     predictor = MlpPredictor(8, 5, 4)
-    predictor.threshold.fill_(1e9)
+    predictor.set_threshold(1e9)
     keep = predictor.keep(torch.randn(37, 8), 16)
     assert keep.shape == (3, 5) and keep.sum(1).tolist() == [1, 1, 1]
     mask = predictor.mask(torch.randn(37, 8), 16, 32)
     assert mask.counts.tolist() == [1, 1, 1]
+
+
+def test_core_ops_give_the_predictors_own_masks_and_scores(fitted, small_opt, corpus):
+    predictors, _, batches = fitted
+    data = predictors._layer_data(small_opt, batches[8:9])
+    for index, layer in enumerate(data):
+        x = layer.mlp_x[0]
+        mask = predictors.mlp[index].mask(x, 16, 16)
+        assert torch.equal(mask.to_dense(mask.indices.shape[1]), predictors.mlp[index].keep(x, 16))
+        hidden = layer.attn_hidden[0]
+        torch.testing.assert_close(predictors.attn[index].scores(hidden),
+                                   predictors.attn[index](hidden).exp(), atol=1e-5, rtol=1e-4)
 
 
 def test_attention_predictor_learns_the_block_maps(small_opt, corpus, fitted):
@@ -110,7 +122,7 @@ def test_drift_monitor_retrains_or_sends_layers_dense(fitted, small_opt):
     for action in ("retrain", "dense"):
         damaged = PredictorSet(predictors.config, predictors.fingerprint)
         damaged.load_state_dict(predictors.state_dict())
-        damaged.mlp[1].threshold.fill_(1e9)  # keeps one block per tile: far below target
+        damaged.mlp[1].set_threshold(1e9)  # keeps one block per tile: far below target
         monitor = DriftMonitor(damaged, small_opt, every=10, action=action)
         assert monitor.due(20) and not monitor.due(21)
         events = monitor.check(20, batches[9])

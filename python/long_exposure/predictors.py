@@ -55,6 +55,16 @@ class MlpPredictor(nn.Module):
         self.down = nn.Linear(d_model, rank, bias=False)
         self.up = nn.Linear(rank, n_blocks)
         self.register_buffer("threshold", torch.zeros(()))
+        # A host copy of the threshold, so that building a step's mask never reads the device.
+        self._threshold = 0.0
+
+    def set_threshold(self, value: float) -> None:
+        self.threshold.fill_(value)
+        self._threshold = float(value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._threshold = float(self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token block logits [..., n_blocks]."""
@@ -72,12 +82,18 @@ class MlpPredictor(nn.Module):
     def keep(self, x: torch.Tensor, tile_m: int) -> torch.Tensor:
         """Boolean [n_tiles, n_blocks]: blocks over the threshold, and each tile's best block."""
         scores = self.tile_max(x, tile_m)
-        keep = scores > self.threshold
+        keep = scores > self._threshold
         best = torch.zeros_like(keep).scatter_(1, scores.argmax(1, keepdim=True), True)
         return keep | best
 
+    @torch.no_grad()
     def mask(self, x: torch.Tensor, tile_m: int, block_n: int) -> MlpMask:
-        return MlpMask.from_dense(self.keep(x, tile_m), tile_m, block_n)
+        """The step's MLP mask, by the fused core op (on x's device, no host synchronisation)."""
+        from .ops.predictors import mlp_predictor_mask
+
+        dtype = x.dtype
+        return mlp_predictor_mask(x, self.down.weight.to(dtype), self.up.weight.to(dtype), self.up.bias.to(dtype),
+                                  self._threshold, tile_m, block_n)
 
 
 class AttentionPredictor(nn.Module):
@@ -107,9 +123,16 @@ class AttentionPredictor(nn.Module):
         return scores.masked_fill(~causal, -math.inf).log_softmax(-1)
 
     @torch.no_grad()
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Block score maps [B, H, n, n] (each row a distribution), by the core op."""
+        from .ops.predictors import attention_block_scores
+
+        return attention_block_scores(hidden, self.wq.to(hidden.dtype), self.wk.to(hidden.dtype), self.block)
+
+    @torch.no_grad()
     def layout(self, hidden: torch.Tensor, pool, coverage: float):
         """(kv BlockLayout per sequence, q lists, density [B, H], covered [B, H]) from the pool."""
-        scores = self(hidden).exp().nan_to_num(0.0)
+        scores = self.scores(hidden)
         selection, density, covered = pool.project(scores, coverage)
         layout, q_lists = pool.combine(selection.to(pool.device), self.block)
         return layout, q_lists, density, covered
@@ -295,7 +318,7 @@ class PredictorSet(nn.Module):
             tile_max = torch.cat([self.mlp[index].tile_max(x, cfg.tile_m) for x in check.mlp_x])
             threshold = calibrate_threshold(tile_max, torch.cat(check.tile_mass), torch.cat(check.tile_target),
                                             calibration_recall(cfg.target_recall))
-            self.mlp[index].threshold.fill_(threshold)
+            self.mlp[index].set_threshold(threshold)
             train_attention_predictor(torch.cat(data.attn_hidden), torch.cat(data.attn_target),
                                       self.fingerprint["num_attention_heads"], cfg.attn_rank, cfg.attn_block,
                                       steps=steps, seed=index, predictor=self.attn[index])
@@ -433,8 +456,8 @@ class DriftMonitor:
                 train_mlp_predictor(layer.mlp_x[0], layer.token_labels[0], cfg.mlp_rank, steps=self.retrain_steps,
                                     seed=step + index, predictor=predictor)
                 tile_max = predictor.tile_max(layer.mlp_x[0], cfg.tile_m)
-                predictor.threshold.fill_(calibrate_threshold(tile_max, layer.tile_mass[0], layer.tile_target[0],
-                                                              calibration_recall(cfg.target_recall)))
+                predictor.set_threshold(calibrate_threshold(tile_max, layer.tile_mass[0], layer.tile_target[0],
+                                                            calibration_recall(cfg.target_recall)))
                 action = "retrained"
             event = DriftEvent(step, index, recall, action)
             logger.info("drift at step %d: layer %d keeps %.4f of the exposer's MLP mass (target %.4f); %s",
