@@ -1,6 +1,5 @@
 #include "long_exposure/tensor_view.h"
 
-#include <sstream>
 
 namespace long_exposure {
 
@@ -61,12 +60,12 @@ TensorView make_view(void* data, DType dtype, const std::vector<int64_t>& shape,
   return v;
 }
 
+// Messages are built from std::string pieces, not iostreams: a stream's locale machinery crashed
+// (SIGSEGV) inside the Python module on the H200 image, where several C++ runtimes share a process.
 std::string shape_string(const TensorView& view) {
-  std::ostringstream out;
-  out << "[";
-  for (int i = 0; i < view.ndim; ++i) out << (i ? ", " : "") << view.shape[i];
-  out << "]";
-  return out.str();
+  std::string out = "[";
+  for (int i = 0; i < view.ndim; ++i) out += (i ? ", " : "") + std::to_string(view.shape[i]);
+  return out + "]";
 }
 
 void require(bool condition, const std::string& message) {
@@ -83,15 +82,10 @@ void require_shape(const TensorView& view, const char* name, std::initializer_li
     ++i;
   }
   if (!ok) {
-    std::ostringstream out;
-    out << name << " has shape " << shape_string(view) << ", expected [";
+    std::string want;
     i = 0;
-    for (int64_t size : expected) {
-      out << (i++ ? ", " : "");
-      if (size >= 0) out << size; else out << "*";
-    }
-    out << "]";
-    throw ContractError(out.str());
+    for (int64_t size : expected) want += (i++ ? ", " : "") + (size >= 0 ? std::to_string(size) : std::string("*"));
+    throw ContractError(std::string(name) + " has shape " + shape_string(view) + ", expected [" + want + "]");
   }
 }
 
