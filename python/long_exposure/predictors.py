@@ -267,8 +267,9 @@ class PredictorSet(nn.Module):
         layers = fingerprint["num_hidden_layers"]
         self.mlp = nn.ModuleList(MlpPredictor(d, n_blocks, config.mlp_rank) for _ in range(layers))
         self.attn = nn.ModuleList(AttentionPredictor(d, H, config.attn_rank, config.attn_block) for _ in range(layers))
-        # Layers the drift monitor sent back to dense computation.
-        self.register_buffer("dense_layers", torch.zeros(layers, dtype=torch.bool))
+        # Layers whose MLP or attention the drift monitor sent back to dense computation.
+        self.register_buffer("dense_mlp", torch.zeros(layers, dtype=torch.bool))
+        self.register_buffer("dense_attn", torch.zeros(layers, dtype=torch.bool))
 
     # -- calibration data
 
@@ -409,14 +410,18 @@ class PredictorSet(nn.Module):
 class DriftEvent:
     step: int
     layer: int
-    mass_recall: float
+    part: str  # "mlp" or "attention"
+    measured: float  # MLP: share of the exposer mask's mass kept; attention: share of the true mass covered
+    target: float
     action: str  # "retrained" or "dense"
 
 
 class DriftMonitor:
-    """Every `every` steps, measures each layer's MLP predictor against the exposer on the current
-    batch (the adapter changes activations as it trains). A layer whose kept mass falls below
-    `recall` is retrained on that batch, or sent to dense computation, and the event is logged."""
+    """Every `every` steps, measures each layer's predictors against the exposer on the current
+    batch (the adapter changes activations as it trains). An MLP predictor whose masks keep less
+    than `recall` of the exposer mask's mass, or an attention predictor whose layouts cover less
+    than attn_coverage x `recall` of the true attention mass, is retrained on that batch or sent to
+    dense computation, and the event is logged."""
 
     def __init__(self, predictors: PredictorSet, model, every: int | None = None, recall: float | None = None,
                  action: str | None = None, retrain_steps: int = 100):
@@ -435,33 +440,54 @@ class DriftMonitor:
 
     def check(self, step: int, input_ids: torch.Tensor) -> list[DriftEvent]:
         """Measure now (call when `due(step)`); returns this check's events."""
-        cfg = self.predictors.config
         was_training = self.model.training
         self.model.eval()
         data = self.predictors._layer_data(self.model, [input_ids])
         self.model.train(was_training)
         events = []
         for index, layer in enumerate(data):
-            if self.predictors.dense_layers[index]:
-                continue
-            predictor = self.predictors.mlp[index]
-            kept = predictor.keep(layer.mlp_x[0], cfg.tile_m)
-            recall = mlp_metrics(kept, layer.tile_target[0], layer.tile_mass[0]).mass_recall
-            if recall >= self.recall:
-                continue
-            if self.action == "dense":
-                self.predictors.dense_layers[index] = True
-                action = "dense"
-            else:
-                train_mlp_predictor(layer.mlp_x[0], layer.token_labels[0], cfg.mlp_rank, steps=self.retrain_steps,
-                                    seed=step + index, predictor=predictor)
-                tile_max = predictor.tile_max(layer.mlp_x[0], cfg.tile_m)
-                predictor.set_threshold(calibrate_threshold(tile_max, layer.tile_mass[0], layer.tile_target[0],
-                                                            calibration_recall(cfg.target_recall)))
-                action = "retrained"
-            event = DriftEvent(step, index, recall, action)
-            logger.info("drift at step %d: layer %d keeps %.4f of the exposer's MLP mass (target %.4f); %s",
-                        step, index, recall, self.recall, action)
-            events.append(event)
+            for event in (self._check_mlp(step, index, layer), self._check_attention(step, index, layer)):
+                if event is not None:
+                    logger.info("drift at step %d: layer %d %s measures %.4f (target %.4f); %s", event.step,
+                                event.layer, event.part, event.measured, event.target, event.action)
+                    events.append(event)
         self.events += events
         return events
+
+    def _check_mlp(self, step: int, index: int, layer: _LayerData) -> DriftEvent | None:
+        cfg = self.predictors.config
+        if self.predictors.dense_mlp[index]:
+            return None
+        predictor = self.predictors.mlp[index]
+        x, mass, target = layer.mlp_x[0], layer.tile_mass[0], layer.tile_target[0]
+        recall = mlp_metrics(predictor.keep(x, cfg.tile_m), target, mass).mass_recall
+        if recall >= self.recall:
+            return None
+        if self.action == "dense":
+            self.predictors.dense_mlp[index] = True
+            return DriftEvent(step, index, "mlp", recall, self.recall, "dense")
+        train_mlp_predictor(x, layer.token_labels[0], cfg.mlp_rank, steps=self.retrain_steps, seed=step + index,
+                            predictor=predictor)
+        predictor.set_threshold(calibrate_threshold(predictor.tile_max(x, cfg.tile_m), mass, target,
+                                                    calibration_recall(cfg.target_recall)))
+        return DriftEvent(step, index, "mlp", recall, self.recall, "retrained")
+
+    def _check_attention(self, step: int, index: int, layer: _LayerData) -> DriftEvent | None:
+        from .pool import PatternPool
+
+        cfg = self.predictors.config
+        if self.predictors.dense_attn[index]:
+            return None
+        predictor = self.predictors.attn[index]
+        hidden, target = layer.attn_hidden[0], layer.attn_target[0]
+        grid, _, _, _ = predictor.layout(hidden, PatternPool(target.shape[-1]), cfg.attn_coverage)
+        covered = ((target * grid.to_dense()).sum() / target.sum()).item()
+        wanted = cfg.attn_coverage * self.recall
+        if covered >= wanted:
+            return None
+        if self.action == "dense":
+            self.predictors.dense_attn[index] = True
+            return DriftEvent(step, index, "attention", covered, wanted, "dense")
+        train_attention_predictor(hidden, target, target.shape[1], cfg.attn_rank, cfg.attn_block,
+                                  steps=self.retrain_steps, seed=step + index, predictor=predictor)
+        return DriftEvent(step, index, "attention", covered, wanted, "retrained")
