@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from long_exposure.pool import PatternPool
+from timing import cuda_times_ms
 
 OPT_SHAPES = {  # hidden, layers, heads, ffn
     "125m": (768, 12, 12, 3072),
@@ -53,18 +53,6 @@ def build_step(model_name: str, batch: int, seq: int):
     return step, decoder_layers
 
 
-def time_steps(step, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return times
-
-
 def in_step_cost(step, decoder_layers, pool, selection, block, rounds: int, steps: int):
     """(median step ms without, with per-layer combination in pre-hooks)."""
     def hook_for(layer):
@@ -74,9 +62,9 @@ def in_step_cost(step, decoder_layers, pool, selection, block, rounds: int, step
 
     plain, hooked = [], []
     for _ in range(rounds):
-        plain += time_steps(step, steps)
+        plain += cuda_times_ms(step, steps)
         handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(decoder_layers)]
-        hooked += time_steps(step, steps)
+        hooked += cuda_times_ms(step, steps)
         for h in handles:
             h.remove()
     return statistics.median(plain), statistics.median(hooked)

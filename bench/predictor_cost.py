@@ -9,27 +9,19 @@ scores against SDPA forward+backward, at OPT layer shapes with random weights.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
+from timing import cuda_times_ms
 
 from long_exposure.ops.predictors import attention_block_scores, mlp_predictor_mask_op
 
 OPT_SHAPES = {"350m": (1024, 16, 4096), "1.3b": (2048, 32, 8192), "2.7b": (2560, 32, 10240)}
 
 
-def cuda_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+def cuda_ms(fn) -> float:
+    """Median of 20 timed calls after 3 warm-ups."""
+    return statistics.median(cuda_times_ms(fn, reps=20, warmup=3))
 
 
 def main() -> None:
