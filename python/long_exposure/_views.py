@@ -80,6 +80,3 @@ def check_shape(tensor: torch.Tensor | None, name: str, expected: tuple) -> None
         want = ", ".join("*" if e is None else str(e) for e in expected)
         raise ValueError(f"{name} has shape {list(shape)}, expected [{want}]")
 
-
-def cuda_kernels_available() -> bool:
-    return bool(_C.build_info()["cuda"])

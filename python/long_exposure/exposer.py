@@ -50,9 +50,6 @@ class MlpThresholdPolicy:
         sizes[-1] = F - block_n * (blocks.shape[1] - 1)
         return carrying > self.neuron_share * sizes
 
-    def describe(self) -> str:
-        return f"threshold({self.neuron_share:g} of neurons >= {self.activation_fraction:g} of block peak)"
-
 
 @dataclass(frozen=True)
 class MlpMassPolicy:
@@ -62,9 +59,6 @@ class MlpMassPolicy:
 
     def mask(self, h: torch.Tensor, tile_m: int, block_n: int) -> torch.Tensor:
         return coverage_mask(tile_block_sums(h, tile_m, block_n), 1.0 - self.eps)
-
-    def describe(self) -> str:
-        return f"mass(1 - {self.eps:g})"
 
 
 def coverage_mask(mass: torch.Tensor, coverage: float, always: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,9 +110,6 @@ class AttentionMassPolicy:
         n = block_mass.shape[-1]
         diagonal = torch.eye(n, dtype=torch.bool, device=block_mass.device).expand_as(block_mass)
         return coverage_mask(block_mass, self.coverage, always=diagonal)
-
-    def describe(self) -> str:
-        return f"mass({self.coverage:g})"
 
 
 def causal_density(keep: torch.Tensor) -> float:
