@@ -1,0 +1,245 @@
+"""Long Exposure for Hugging Face OPT models, plain or wrapped by peft.
+
+`convert` replaces each decoder layer's forward with one that runs the block-sparse attention and
+neuron-block MLP operators under the masks a `Controller` chooses. No module is replaced and no
+parameter is renamed, so peft adapters, optimizers, transformers.Trainer, save_pretrained and
+checkpoint resume see the model they expect; `restore` puts the original forwards back.
+
+The layer forward mirrors OPTDecoderLayer.forward (pre- or post-LayerNorm, residuals, dropout),
+and applies the bottleneck adapters of long_exposure.peft where a layer has them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import LongExposureConfig
+from ..exposer import decoder_layers
+from ..formats import BlockLayout, MlpMask
+from ..ops import block_sparse_attention, neuron_block_mlp
+
+MODES = ("sparse", "full", "off")
+
+
+@dataclass
+class Controller:
+    """Chooses every layer's masks for the current step.
+
+    mode "sparse": masks from the predictors; "full": all-active masks through the sparse
+    operators (they then compute the dense model exactly); "off": the model's own dense modules.
+    """
+
+    config: LongExposureConfig
+    predictors: object | None = None  # a PredictorSet, needed for "sparse"
+    mode: str = "sparse"
+    densities: dict = field(default_factory=dict)  # (layer, "mlp" | "attention") -> 0-d tensor of the last step
+    _pools: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.set_mode(self.mode)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "sparse" and self.predictors is None:
+            raise ValueError("sparse mode needs predictors (a PredictorSet); use mode='full' for all-active masks")
+        self.mode = mode
+
+    def mlp_mask(self, index: int, x: torch.Tensor, n_neurons: int) -> MlpMask:
+        cfg = self.config
+        if self.mode == "full" or bool(self.predictors.dense_mlp[index]):
+            mask = MlpMask.full(x.shape[0], n_neurons, cfg.tile_m, cfg.block_n, device=x.device)
+        else:
+            mask = self.predictors.mlp[index].mask(x, cfg.tile_m, cfg.block_n)
+        self.densities[(index, "mlp")] = mask.density(math.ceil(n_neurons / cfg.block_n))
+        return mask
+
+    def attention_layout(self, index: int, hidden: torch.Tensor, heads: int) -> BlockLayout:
+        from ..pool import PatternPool
+
+        cfg = self.config
+        S = hidden.shape[1]
+        if self.mode == "full" or bool(self.predictors.dense_attn[index]):
+            layout = BlockLayout.causal(heads, S, cfg.attn_block, device=hidden.device)
+        else:
+            n = math.ceil(S / cfg.attn_block)
+            if n not in self._pools:
+                self._pools[n] = PatternPool(n, device=hidden.device)
+            layout, _, _, _ = self.predictors.attn[index].layout(hidden, self._pools[n], cfg.attn_coverage)
+        self.densities[(index, "attention")] = layout.density()
+        return layout
+
+
+@dataclass
+class _LayerState:
+    controller: Controller
+    index: int
+
+
+def _lora_parts(module: nn.Module, name: str):
+    """(weight, bias, lora) of a Linear or a peft LoRA Linear; lora = (A, B, scaling, dropout) or None."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight, module.bias, None
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    if getattr(module, "merged", False):
+        raise ValueError(f"{name}: merged LoRA weights cannot be split again; unmerge before converting")
+    if len(adapters) > 1:
+        raise ValueError(f"{name}: Long Exposure runs one active LoRA adapter per layer, found {adapters}")
+    if not adapters:
+        return base.weight, base.bias, None
+    adapter = adapters[0]
+    if module.use_dora.get(adapter, False):
+        raise ValueError(f"{name}: DoRA is not supported by the neuron-block MLP")
+    return base.weight, base.bias, (module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                                    module.scaling[adapter], module.lora_dropout[adapter])
+
+
+def _sparse_mlp(layer, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
+    w1, b1, lora1 = _lora_parts(layer.fc1, "fc1")
+    w2, b2, lora2 = _lora_parts(layer.fc2, "fc2")
+    mask = state.controller.mlp_mask(state.index, x, w1.shape[0])
+    dtype = x.dtype
+    lora1_u = lora1_b = lora2_a = None
+    if lora1 is not None:
+        a1, b1_factor, scale1, dropout1 = lora1
+        lora1_u = (scale1 * dropout1(x) @ a1.t().to(dtype))
+        lora1_b = b1_factor.to(dtype)
+    if lora2 is not None:
+        a2, _, _, dropout2 = lora2
+        if not isinstance(dropout2, nn.Identity) and getattr(dropout2, "p", 0.0) > 0 and layer.training:
+            raise ValueError("LoRA dropout on fc2 is not supported: the hidden activation never leaves the operator")
+        lora2_a = a2.to(dtype)
+    y, lora2_v = neuron_block_mlp(x, w1.to(dtype), None if b1 is None else b1.to(dtype), w2.to(dtype),
+                                  None if b2 is None else b2.to(dtype), mask, lora1_u, lora1_b, lora2_a)
+    if lora2 is not None:
+        _, b2_factor, scale2, _ = lora2
+        y = y + scale2 * lora2_v @ b2_factor.t().to(dtype)
+    return y
+
+
+def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> torch.Tensor:
+    B, S, _ = hidden.shape
+    H, D = attn.num_heads, attn.head_dim
+
+    def heads(t):
+        return t.view(B, S, H, D).transpose(1, 2)
+
+    q = heads(attn.q_proj(hidden) * attn.scaling)
+    k, v = heads(attn.k_proj(hidden)), heads(attn.v_proj(hidden))
+    prefix_k = prefix_v = None
+    if cache is not None:
+        # What the cache held before this step (prefix tuning's virtual keys) comes first.
+        full_k, full_v = cache.update(k, v, attn.layer_idx)
+        past = full_k.shape[2] - S
+        if past > 0:
+            prefix_k, prefix_v = full_k[:, :, :past], full_v[:, :, :past]
+    layout = state.controller.attention_layout(state.index, hidden, H)
+    out = block_sparse_attention(q, k, v, layout, scale=1.0, prefix_k=prefix_k, prefix_v=prefix_v)
+    return attn.out_proj(out.transpose(1, 2).reshape(B, S, H * D))
+
+
+def _layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """OPTDecoderLayer.forward with Long Exposure's operators (see the module docstring)."""
+    state: _LayerState = self._long_exposure
+    mode = state.controller.mode
+    cache = kwargs.pop("cache", None)
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    dropout = self.dropout if self.training else 0.0
+
+    residual = hidden_states
+    if self.do_layer_norm_before:
+        hidden_states = self.self_attn_layer_norm(hidden_states)
+    if mode == "off":
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                          **{_cache_argument(type(self.self_attn)): cache})
+    else:
+        hidden_states = _sparse_attention(self.self_attn, hidden_states, cache, state)
+    hidden_states = nn.functional.dropout(hidden_states, p=dropout, training=self.training)
+    if hasattr(self, "adapter_attn"):
+        hidden_states = self.adapter_attn(hidden_states)
+    hidden_states = residual + hidden_states
+    if not self.do_layer_norm_before:
+        hidden_states = self.self_attn_layer_norm(hidden_states)
+
+    shape = hidden_states.shape
+    hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
+    residual = hidden_states
+    if self.do_layer_norm_before:
+        hidden_states = self.final_layer_norm(hidden_states)
+    if mode == "off":
+        hidden_states = self.fc2(self.activation_fn(self.fc1(hidden_states)))
+    else:
+        hidden_states = _sparse_mlp(self, hidden_states, state)
+    hidden_states = nn.functional.dropout(hidden_states, p=dropout, training=self.training)
+    if hasattr(self, "adapter_mlp"):
+        hidden_states = self.adapter_mlp(hidden_states)
+    hidden_states = (residual + hidden_states).view(shape)
+    if not self.do_layer_norm_before:
+        hidden_states = self.final_layer_norm(hidden_states)
+    return hidden_states
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(attention_class) -> str:
+    """What OPTAttention.forward calls its cache: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(attention_class.forward).parameters else "past_key_values"
+
+
+def _check_model(model) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "opt":
+        raise TypeError(f"Long Exposure converts OPT models; got {type(model).__name__} "
+                        f"(model_type {getattr(config, 'model_type', None)!r})")
+    if config.activation_function != "relu":
+        raise ValueError(f"the neuron-block MLP needs ReLU; this model uses {config.activation_function!r}")
+
+
+def convert(model, config: LongExposureConfig | None = None, predictors=None, mode: str | None = None) -> Controller:
+    """Turn an OPTForCausalLM (plain or peft-wrapped) into a Long Exposure model, in place.
+
+    Returns the Controller; change its mode (or predictors) at any time. Default mode: "sparse"
+    with predictors, "full" without.
+    """
+    _check_model(model)
+    config = config or (predictors.config if predictors is not None else LongExposureConfig())
+    if predictors is not None:
+        from ..predictors import model_fingerprint
+
+        if predictors.fingerprint != model_fingerprint(model):
+            raise ValueError("these predictors were made for another model shape")
+    controller = Controller(config, predictors, mode or ("sparse" if predictors is not None else "full"))
+    for index, layer in enumerate(decoder_layers(model)):
+        layer._long_exposure = _LayerState(controller, index)
+        layer.forward = types.MethodType(_layer_forward, layer)
+    model._long_exposure_controller = controller
+    return controller
+
+
+def restore(model) -> None:
+    """Undo `convert`: the layers run their own forward again. Layers with bottleneck adapters
+    keep Long Exposure's forward in mode "off" (the dense modules), since OPT's own forward does
+    not know the adapters."""
+    controller = getattr(model, "_long_exposure_controller", None)
+    if controller is None:
+        raise ValueError("this model was not converted by long_exposure.models.opt.convert")
+    off = Controller(controller.config, None, "off")
+    for layer in decoder_layers(model):
+        if hasattr(layer, "adapter_attn") or hasattr(layer, "adapter_mlp"):
+            layer._long_exposure = _LayerState(off, layer._long_exposure.index)
+        else:
+            del layer.forward
+            del layer._long_exposure
+    del model._long_exposure_controller
+
+
+def is_converted(model) -> bool:
+    return hasattr(model, "_long_exposure_controller")

@@ -1,0 +1,155 @@
+import copy
+
+import pytest
+import torch
+
+from long_exposure.config import LongExposureConfig
+from long_exposure.models.opt import convert, is_converted, restore
+from long_exposure.peft import add_bottleneck_adapters, bitfit
+from long_exposure.predictors import PredictorSet, model_fingerprint
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+CONFIG = LongExposureConfig(tile_m=8, block_n=16, attn_block=8)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def tiny_opt(post_layer_norm: bool = False, seed: int = 0):
+    config = transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=72, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=16 if post_layer_norm else 32,
+        do_layer_norm_before=not post_layer_norm, dropout=0.0, attention_dropout=0.0, activation_function="relu",
+    )
+    torch.manual_seed(seed)
+    model = transformers.OPTForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def with_method(model, method: str):
+    if method.startswith("lora"):
+        targets = ["q_proj", "v_proj"] if method == "lora_qv" else ALL_LINEAR
+        # Random B as well as A, so that every LoRA factor gets a non-zero gradient.
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+        return peft.get_peft_model(model, config)
+    if method == "prefix":
+        return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    if method == "ptuning":
+        # Virtual tokens live in the embedding space, which 350m-style models project (word_embed_proj_dim).
+        config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16,
+                                          token_dim=model.config.word_embed_proj_dim)
+        return peft.get_peft_model(model, config)
+    if method == "bitfit":
+        bitfit(model)
+        return model
+    if method == "bottleneck":
+        add_bottleneck_adapters(model, rank=4)
+        with torch.no_grad():  # not the identity, so that the adapters matter
+            for name, p in model.named_parameters():
+                if "adapter_" in name:
+                    p.normal_(0, 0.2)
+        return model
+    raise ValueError(method)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+METHODS = ["lora_qv", "lora_all", "prefix", "ptuning", "bitfit", "bottleneck"]
+
+
+@pytest.mark.parametrize("post_layer_norm", [False, True], ids=["pre-LN", "post-LN-350m"])
+@pytest.mark.parametrize("method", METHODS)
+def test_full_masks_give_the_plain_models_losses_and_gradients(method, post_layer_norm):
+    plain = with_method(tiny_opt(post_layer_norm), method)
+    ours = copy.deepcopy(plain)
+    names = [n for n, _ in ours.named_parameters()]
+    convert(ours, CONFIG, mode="full")
+    assert [n for n, _ in ours.named_parameters()] == names, "parameter names must not change"
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(1))  # 19: ragged tiles and blocks
+    plain_loss, plain_grads = loss_and_grads(plain, ids)
+    loss, grads = loss_and_grads(ours, ids)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_sparse_mode_with_everything_kept_equals_the_plain_model():
+    plain = with_method(tiny_opt(), "lora_all")
+    ours = copy.deepcopy(plain)
+    config = LongExposureConfig(tile_m=8, block_n=16, attn_block=8, attn_coverage=1.0)
+    predictors = PredictorSet(config, model_fingerprint(ours))
+    for mlp in predictors.mlp:
+        mlp.set_threshold(-1e30)
+    controller = convert(ours, predictors=predictors)
+    assert controller.mode == "sparse"
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(2))
+    plain_loss, plain_grads = loss_and_grads(plain, ids)
+    loss, grads = loss_and_grads(ours, ids)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    assert all(d.item() == pytest.approx(1.0) for d in controller.densities.values())
+
+
+def test_sparse_masks_change_the_result_and_report_their_density():
+    model = with_method(tiny_opt(), "lora_qv")
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    predictors = PredictorSet(CONFIG, model_fingerprint(model))
+    for mlp in predictors.mlp:
+        mlp.set_threshold(1e30)  # one block per tile
+    controller = convert(model, predictors=predictors)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert controller.densities[(0, "mlp")].item() == pytest.approx(1 / 5)  # 72 neurons: 5 blocks of 16
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, dense)
+
+
+def test_restore_gives_back_the_plain_model():
+    model = with_method(tiny_opt(), "lora_qv")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        predictors = PredictorSet(CONFIG, model_fingerprint(model))
+        for mlp in predictors.mlp:
+            mlp.set_threshold(1e30)
+        convert(model, predictors=predictors)
+        assert is_converted(model)
+        restore(model)
+        assert not is_converted(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_a_lora_adapter_saved_from_a_converted_model_loads_into_a_plain_one(tmp_path):
+    model = with_method(tiny_opt(), "lora_all")
+    convert(model, CONFIG, mode="full")
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(5))
+    loaded = peft.PeftModel.from_pretrained(tiny_opt(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_models_it_cannot_run_are_refused():
+    with pytest.raises(TypeError, match="converts OPT models"):
+        convert(torch.nn.Linear(2, 2))
+    gelu = tiny_opt()
+    gelu.config.activation_function = "gelu"
+    with pytest.raises(ValueError, match="needs ReLU"):
+        convert(gelu)
+    with pytest.raises(ValueError, match="sparse mode needs predictors"):
+        convert(tiny_opt(), CONFIG, mode="sparse")
+    other = PredictorSet(CONFIG, {**model_fingerprint(tiny_opt()), "ffn_dim": 128})
+    with pytest.raises(ValueError, match="another model shape"):
+        convert(tiny_opt(), predictors=other)
