@@ -219,7 +219,10 @@ class Exposer:
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> list[LayerCapture]:
-        with capture_layers(self.model) as captures:
+        from .models.opt import dense_forward
+
+        # A converted model runs its dense modules here, so the hooks see every activation.
+        with capture_layers(self.model) as captures, dense_forward(self.model):
             self.model(input_ids=input_ids)
         return captures
 

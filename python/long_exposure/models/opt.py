@@ -11,6 +11,7 @@ and applies the bottleneck adapters of long_exposure.peft where a layer has them
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -243,3 +244,27 @@ def restore(model) -> None:
 
 def is_converted(model) -> bool:
     return hasattr(model, "_long_exposure_controller")
+
+
+def controller_of(model) -> Controller | None:
+    """The controller of the converted OPT model inside `model` (peft wrappers included), if any."""
+    for module in model.modules():
+        if is_converted(module):
+            return module._long_exposure_controller
+    return None
+
+
+@contextlib.contextmanager
+def dense_forward(model):
+    """Within the block a converted model runs its own dense modules (mode "off"): for evaluation
+    and for the exposer, whose hooks watch those modules."""
+    controller = controller_of(model)
+    if controller is None:
+        yield
+        return
+    mode = controller.mode
+    controller.mode = "off"
+    try:
+        yield
+    finally:
+        controller.mode = mode
