@@ -153,3 +153,24 @@ def test_models_it_cannot_run_are_refused():
     other = PredictorSet(CONFIG, {**model_fingerprint(tiny_opt()), "ffn_dim": 128})
     with pytest.raises(ValueError, match="another model shape"):
         convert(tiny_opt(), predictors=other)
+
+
+def test_trainer_runs_a_converted_model_with_drift_checks(tmp_path):
+    from long_exposure.predictors import DriftMonitor
+    from long_exposure.trainer import DriftCallback
+
+    model = with_method(tiny_opt(), "lora_qv")
+    predictors = PredictorSet(CONFIG, model_fingerprint(model))
+    for mlp in predictors.mlp:
+        mlp.set_threshold(1e30)  # far below any recall target: every check must act
+    convert(model, predictors=predictors)
+    monitor = DriftMonitor(predictors, model, every=2, action="dense")
+    ids = torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(6))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[DriftCallback(monitor)])
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert {(e.step, e.part, e.action) for e in monitor.events if e.part == "mlp"} == {(2, "mlp", "dense")}
+    assert bool(predictors.dense_mlp.all())
