@@ -12,6 +12,7 @@ import argparse
 import time
 
 import torch
+from report import Report
 
 from long_exposure.config import LongExposureConfig
 from long_exposure.data import load_addresses, split_by_year, token_blocks
@@ -34,11 +35,8 @@ def main() -> None:
     parser.add_argument("--attn-block", type=int, default=32)
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args()
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
+    report = Report()
+    say = report.say
 
     splits = split_by_year(load_addresses(args.corpus))
     started = time.time()
@@ -99,9 +97,7 @@ def main() -> None:
                 f"{r.mlp.precision:.4f} | {r.mlp.mass_recall:.4f} | {m.mlp.mass_recall:.4f} | {r.attn_density:.3f} | "
                 f"{r.attn_covered:.4f} |")
     say(f"\n({time.time() - started:.0f} s on {torch.get_num_threads()} CPU threads)")
-    if args.out:
-        with open(args.out, "w") as out:
-            out.write("\n".join(lines) + "\n")
+    report.save(args.out)
 
 
 if __name__ == "__main__":

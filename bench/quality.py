@@ -13,6 +13,7 @@ import copy
 import time
 
 import torch
+from report import Report
 
 from long_exposure.config import LongExposureConfig
 from long_exposure.data import load_addresses, split_by_year, token_blocks
@@ -31,11 +32,8 @@ def main() -> None:
     parser.add_argument("--coverage", type=float, default=0.95, help="attention coverage")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    lines = []
-
-    def say(text=""):
-        print(text, flush=True)
-        lines.append(text)
+    report = Report()
+    say = report.say
 
     started = time.time()
     splits = split_by_year(load_addresses(args.corpus))
@@ -65,9 +63,7 @@ def main() -> None:
         if result.sparse.drift_events:
             say(f"  drift events: {[(e.step, e.layer, e.part, round(e.measured, 3), e.action) for e in result.sparse.drift_events]}")
     say(f"\n({time.time() - started:.0f} s on {torch.get_num_threads()} CPU threads)")
-    if args.out:
-        with open(args.out, "w") as out:
-            out.write("\n".join(lines) + "\n")
+    report.save(args.out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def with_method(model, method: str):
     raise ValueError(method)
 
 
+def one_block_predictors(model) -> PredictorSet:
+    """Predictors whose MLP masks keep one block per tile (the threshold passes nothing)."""
+    predictors = PredictorSet(CONFIG, model_fingerprint(model))
+    for mlp in predictors.mlp:
+        mlp.set_threshold(1e30)
+    return predictors
+
+
 def loss_and_grads(model, ids):
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
@@ -104,10 +112,7 @@ def test_sparse_masks_change_the_result_and_report_their_density():
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-    predictors = PredictorSet(CONFIG, model_fingerprint(model))
-    for mlp in predictors.mlp:
-        mlp.set_threshold(1e30)  # one block per tile
-    controller = convert(model, predictors=predictors)
+    controller = convert(model, predictors=one_block_predictors(model))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -121,10 +126,7 @@ def test_restore_gives_back_the_plain_model():
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        predictors = PredictorSet(CONFIG, model_fingerprint(model))
-        for mlp in predictors.mlp:
-            mlp.set_threshold(1e30)
-        convert(model, predictors=predictors)
+        convert(model, predictors=one_block_predictors(model))
         assert is_converted(model)
         restore(model)
         assert not is_converted(model)
@@ -160,9 +162,7 @@ def test_trainer_runs_a_converted_model_with_drift_checks(tmp_path):
     from long_exposure.trainer import DriftCallback
 
     model = with_method(tiny_opt(), "lora_qv")
-    predictors = PredictorSet(CONFIG, model_fingerprint(model))
-    for mlp in predictors.mlp:
-        mlp.set_threshold(1e30)  # far below any recall target: every check must act
+    predictors = one_block_predictors(model)  # far below any recall target: every check must act
     convert(model, predictors=predictors)
     monitor = DriftMonitor(predictors, model, every=2, action="dense")
     ids = torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(6))
