@@ -174,3 +174,35 @@ def test_trainer_runs_a_converted_model_with_drift_checks(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert {(e.step, e.part, e.action) for e in monitor.events if e.part == "mlp"} == {(2, "mlp", "dense")}
     assert bool(predictors.dense_mlp.all())
+
+
+def test_padded_batches_are_refused_not_run_wrong():
+    model = with_method(tiny_opt(), "lora_qv")
+    convert(model, CONFIG, mode="full")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    model(input_ids=ids, attention_mask=mask)  # all ones: fine
+    mask[1, 12:] = 0
+    with pytest.raises(ValueError, match="unpadded sequences"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_trainer_checkpoints_of_a_converted_model_resume(tmp_path):
+    ids = torch.randint(0, 64, (8, 24), generator=torch.Generator().manual_seed(8))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+
+    def trainer(max_steps):
+        model = with_method(tiny_opt(), "lora_all")
+        convert(model, CONFIG, mode="full")
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+                                              learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=2,
+                                              use_cpu=True, seed=0, data_seed=0)
+        return transformers.Trainer(model=model, args=args, train_dataset=dataset)
+
+    straight = trainer(4)
+    straight.train()
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")

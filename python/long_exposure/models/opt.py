@@ -222,7 +222,18 @@ def convert(model, config: LongExposureConfig | None = None, predictors=None, mo
         layer._long_exposure = _LayerState(controller, index)
         layer.forward = types.MethodType(_layer_forward, layer)
     model._long_exposure_controller = controller
+    model._long_exposure_padding_hook = model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
     return controller
+
+
+def _refuse_padding(module, args, kwargs):
+    """The sparse attention has no key-padding mask: padded batches are refused, not run wrong.
+    (Reading the mask costs a host synchronisation, paid only by callers that pass one.)"""
+    mask = kwargs.get("attention_mask")
+    controller = module._long_exposure_controller
+    if mask is not None and controller.mode != "off" and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError("Long Exposure runs unpadded sequences: this batch's attention_mask masks tokens; "
+                         "pack the text into full-length sequences")
 
 
 def restore(model) -> None:
@@ -233,6 +244,8 @@ def restore(model) -> None:
     if controller is None:
         raise ValueError("this model was not converted by long_exposure.models.opt.convert")
     off = Controller(controller.config, None, "off")
+    model._long_exposure_padding_hook.remove()
+    del model._long_exposure_padding_hook
     for layer in decoder_layers(model):
         if hasattr(layer, "adapter_attn") or hasattr(layer, "adapter_mlp"):
             layer._long_exposure = _LayerState(off, layer._long_exposure.index)
