@@ -47,6 +47,15 @@ def test_finetune_then_evaluate_a_local_model(model_dir, data, tmp_path):
     assert all(0 < d <= 1 for d in summary["mlp_density"].values())
     assert main(["evaluate", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--data",
                  str(data / "eval.jsonl"), "--seq", "32", "--quiet"]) == 0
+    # The adapter was trained on a neuron-permuted model and saved for the original one: on the
+    # unpermuted model it gives the held-out loss the run measured.
+    from long_exposure.cli import _load_adapter, load_model, load_texts
+    from long_exposure.pipeline import evaluate
+
+    model, tokens, _ = load_model(str(model_dir), 0, True)
+    model = _load_adapter(model, str(out / "adapter"))
+    loss = evaluate(model, tokens.blocks(load_texts(str(data / "eval.jsonl")), 32, max_blocks=256), 4)
+    assert loss == pytest.approx(summary["held_out_loss"]["long exposure"], rel=1e-4)
 
 
 def test_saved_predictors_are_reused_and_checked(model_dir, data, tmp_path):

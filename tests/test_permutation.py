@@ -50,3 +50,25 @@ def test_permute_mlp_refuses_what_is_not_a_permutation(small_opt):
     layer = copy.deepcopy(small_opt.model.decoder.layers[0])
     with pytest.raises(ValueError, match="permutation"):
         permute_mlp(layer, torch.zeros(layer.fc1.out_features, dtype=torch.long))
+
+
+def test_lora_factors_follow_the_permutation_and_back():
+    peft = pytest.importorskip("peft")
+    from long_exposure.permutation import inverse
+    from long_exposure.small_opt import build_small_opt
+
+    model = build_small_opt(hidden=32, layers=2, heads=4, ffn=64, max_positions=32)
+    config = peft.LoraConfig(r=4, target_modules=["fc1", "fc2", "q_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        orders = [torch.randperm(64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        permute_model(model, orders)
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(dict(model.named_parameters())[next(n for n in before if "fc1.lora_B" in n)],
+                               before[next(n for n in before if "fc1.lora_B" in n)])
+        permute_model(model, inverse(orders))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

@@ -271,7 +271,8 @@ def cmd_finetune(args) -> int:
     import copy
 
     from .models.opt import convert
-    from .pipeline import apply_method, evaluate, finetune, restore_all
+    from .permutation import permute_model
+    from .pipeline import apply_method, evaluate, finetune, restore_all, unpermute
     from .predictors import DriftMonitor, PredictorSet
 
     started = time.time()
@@ -285,6 +286,7 @@ def cmd_finetune(args) -> int:
                 predictors = PredictorSet.load(args.predictors, model=model, config=config_from(args))
             except (ValueError, FileNotFoundError) as error:
                 raise UsageError(str(error)) from error
+            permute_model(model, predictors.neuron_orders)  # the order the predictors were made in
         else:
             predictors, _ = _fit_predictors(args, model, blocks, args.quiet)
         base_loss = evaluate(model, eval_blocks, args.batch_size)
@@ -302,6 +304,7 @@ def cmd_finetune(args) -> int:
             if run == "long exposure":
                 restore_all(tuned)
                 run_predictors.save(out / "predictors")
+                unpermute(tuned, predictors)  # the adapter must fit the original model
                 _save_adapter(tuned, args.method, out / "adapter")
             losses[run] = evaluate(tuned, eval_blocks, args.batch_size)
             curves[run] = results[run].losses

@@ -60,21 +60,43 @@ def balanced_order(profiles: torch.Tensor, block_n: int, iterations: int = 10) -
 
 @torch.no_grad()
 def permute_mlp(layer, order: torch.Tensor) -> None:
-    """Reorder one OPT decoder layer's MLP neurons: fc1 rows and bias, fc2 columns."""
+    """Reorder one OPT decoder layer's MLP neurons: fc1 rows and bias, fc2 columns, and with them
+    the neuron side of any peft LoRA factors on fc1 (B's rows) and fc2 (A's columns)."""
     fc1, fc2 = layer.fc1, layer.fc2
-    if order.shape != (fc1.out_features,) or not torch.equal(order.sort().values, torch.arange(fc1.out_features)):
-        raise ValueError(f"order must be a permutation of the {fc1.out_features} neurons")
-    order = order.to(fc1.weight.device)
-    fc1.weight.copy_(fc1.weight[order])
-    if fc1.bias is not None:
-        fc1.bias.copy_(fc1.bias[order])
-    fc2.weight.copy_(fc2.weight[:, order])
+    base1, base2 = getattr(fc1, "base_layer", fc1), getattr(fc2, "base_layer", fc2)
+    n = base1.out_features
+    if order.shape != (n,) or not torch.equal(order.sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"order must be a permutation of the {n} neurons")
+    order = order.to(base1.weight.device)
+    base1.weight.copy_(base1.weight[order])
+    if base1.bias is not None:
+        base1.bias.copy_(base1.bias[order])
+    base2.weight.copy_(base2.weight[:, order])
+    for adapter in getattr(fc1, "lora_B", {}):
+        fc1.lora_B[adapter].weight.copy_(fc1.lora_B[adapter].weight[order])
+    for adapter in getattr(fc2, "lora_A", {}):
+        fc2.lora_A[adapter].weight.copy_(fc2.lora_A[adapter].weight[:, order])
 
 
-def permute_model(model, orders: list[torch.Tensor]) -> None:
+def permute_model(model, orders) -> None:
     """Apply one order per decoder layer (see balanced_order); the model's function is unchanged."""
     layers = decoder_layers(model)
     if len(orders) != len(layers):
         raise ValueError(f"{len(orders)} orders for {len(layers)} layers")
     for layer, order in zip(layers, orders):
         permute_mlp(layer, order)
+
+
+def inverse(orders) -> list[torch.Tensor]:
+    """The orders that undo `orders`."""
+    return [torch.argsort(order) for order in orders]
+
+
+def calibrated_orders(model, batches, tile_m: int, block_n: int) -> list[torch.Tensor]:
+    """Each layer's neuron order from the activations of `batches` of input ids."""
+    from .exposer import Exposer
+
+    exposer = Exposer(model, tile_m, block_n)
+    captures = [exposer.capture(batch) for batch in batches]
+    return [balanced_order(activation_profiles([c[i].pre_activation for c in captures], tile_m), block_n)
+            for i in range(len(exposer.layers))]

@@ -105,15 +105,35 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 def calibrate_and_train_predictors(model, blocks: torch.Tensor, config: LongExposureConfig, batch_size: int = 8,
-                                   holdout_share: float = 0.25, steps: int = 300, progress: bool = True):
-    """Predictors for the frozen model from [n, seq] calibration blocks: (PredictorSet, reports)."""
+                                   holdout_share: float = 0.25, steps: int = 300, permute: bool = True,
+                                   progress: bool = True):
+    """Predictors for the frozen model from [n, seq] calibration blocks: (PredictorSet, reports).
+
+    With `permute`, the model's MLP neurons are first reordered in place (function-preserving) so
+    that co-active neurons share blocks; the order is kept in the predictors' neuron_orders."""
+    from .permutation import calibrated_orders, permute_model
+
     batches = list(blocks.split(batch_size))
     n_holdout = max(1, int(len(batches) * holdout_share))
     if len(batches) < 2:
         raise ValueError(f"calibration needs at least {2 * batch_size} sequences, got {len(blocks)}")
+    orders = None
+    if permute:
+        orders = calibrated_orders(model, batches[:-n_holdout], config.tile_m, config.block_n)
+        permute_model(model, orders)
     predictors = PredictorSet(config, model_fingerprint(model))
+    if orders is not None:
+        predictors.neuron_orders.copy_(torch.stack(orders))
     reports = predictors.fit(model, batches[:-n_holdout], batches[-n_holdout:], steps=steps, progress=progress)
     return predictors, reports
+
+
+def unpermute(model, predictors) -> None:
+    """Return a model permuted for `predictors` (and its LoRA factors) to the original neuron order,
+    so that its adapter fits the unpermuted model."""
+    from .permutation import inverse, permute_model
+
+    permute_model(model, inverse(predictors.neuron_orders))
 
 
 @dataclass
@@ -148,6 +168,8 @@ def quality_comparison(base_model, finetune_blocks: torch.Tensor, eval_blocks: t
     sparse = finetune(sparse_model, finetune_blocks, steps, batch_size, lr, monitor=monitor, controller=controller,
                       progress=progress, desc="Long Exposure fine-tuning")
     restore_all(sparse_model)
+    unpermute(sparse_model, predictors)
+    unpermute(dense_model, predictors)
     return QualityResult(evaluate(dense_model, eval_blocks, batch_size), evaluate(sparse_model, eval_blocks, batch_size),
                          dense, sparse, reports)
 

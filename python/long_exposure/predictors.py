@@ -267,6 +267,8 @@ class PredictorSet(nn.Module):
         layers = fingerprint["num_hidden_layers"]
         self.mlp = nn.ModuleList(MlpPredictor(d, n_blocks, config.mlp_rank) for _ in range(layers))
         self.attn = nn.ModuleList(AttentionPredictor(d, H, config.attn_rank, config.attn_block) for _ in range(layers))
+        # The neuron order the model was permuted to before calibration (identity: not permuted).
+        self.register_buffer("neuron_orders", torch.arange(F).repeat(layers, 1))
         # Layers whose MLP or attention the drift monitor sent back to dense computation.
         self.register_buffer("dense_mlp", torch.zeros(layers, dtype=torch.bool))
         self.register_buffer("dense_attn", torch.zeros(layers, dtype=torch.bool))
