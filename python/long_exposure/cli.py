@@ -270,9 +270,9 @@ def cmd_train_predictors(args) -> int:
 def cmd_finetune(args) -> int:
     import copy
 
-    from .models.opt import convert
+    from .models.opt import convert, restore
     from .permutation import permute_model
-    from .pipeline import apply_method, evaluate, finetune, restore_all, unpermute
+    from .pipeline import apply_method, evaluate, finetune, unpermute
     from .predictors import DriftMonitor, PredictorSet
 
     started = time.time()
@@ -302,7 +302,7 @@ def cmd_finetune(args) -> int:
             results[run] = finetune(tuned, blocks, args.steps, args.batch_size, args.lr, seed=args.seed, monitor=monitor,
                                     controller=controller, progress=not args.quiet, desc=f"{run} fine-tuning")
             if run == "long exposure":
-                restore_all(tuned)
+                restore(tuned)
                 run_predictors.save(out / "predictors")
                 unpermute(tuned, predictors)  # the adapter must fit the original model
                 _save_adapter(tuned, args.method, out / "adapter")

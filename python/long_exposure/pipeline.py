@@ -4,14 +4,13 @@ evaluate the adapter with the dense model (DESIGN.md sections 1 and 7)."""
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import LongExposureConfig
-from .models.opt import Controller, convert, dense_forward, is_converted, restore
+from .models.opt import Controller, convert, dense_forward, restore
 from .peft import add_bottleneck_adapters, bitfit
 from .predictors import DriftMonitor, PredictorSet, model_fingerprint
 
@@ -75,14 +74,14 @@ def finetune(model, blocks: torch.Tensor, steps: int, batch_size: int = 8, lr: f
         optimizer.zero_grad(set_to_none=True)
         result.step_seconds.append(time.perf_counter() - started)
         result.losses.append(loss.item())
-        if controller is not None:
+        if controller is not None:  # summed on the device: no host sync per step
             for key, density in controller.densities.items():
-                sums[key] = sums.get(key, 0.0) + float(density)
+                sums[key] = sums.get(key, 0.0) + density
         if monitor is not None and monitor.due(step):
             result.drift_events += monitor.check(step, batch)
         bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
     for (layer, part), total in sums.items():
-        (result.mlp_density if part == "mlp" else result.attn_density)[layer] = total / steps
+        (result.mlp_density if part == "mlp" else result.attn_density)[layer] = float(total) / steps
     return result
 
 
@@ -167,20 +166,7 @@ def quality_comparison(base_model, finetune_blocks: torch.Tensor, eval_blocks: t
     monitor = DriftMonitor(predictors, sparse_model) if config.drift_every else None
     sparse = finetune(sparse_model, finetune_blocks, steps, batch_size, lr, monitor=monitor, controller=controller,
                       progress=progress, desc="Long Exposure fine-tuning")
-    restore_all(sparse_model)
+    restore(sparse_model)
     unpermute(sparse_model, predictors)
-    unpermute(dense_model, predictors)
     return QualityResult(evaluate(dense_model, eval_blocks, batch_size), evaluate(sparse_model, eval_blocks, batch_size),
                          dense, sparse, reports)
-
-
-def restore_all(model) -> None:
-    """Restore the converted OPT model inside a (possibly peft-wrapped) model."""
-    for module in model.modules():
-        if is_converted(module):
-            restore(module)
-            return
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss)

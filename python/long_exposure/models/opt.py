@@ -237,12 +237,13 @@ def _refuse_padding(module, args, kwargs):
 
 
 def restore(model) -> None:
-    """Undo `convert`: the layers run their own forward again. Layers with bottleneck adapters
-    keep Long Exposure's forward in mode "off" (the dense modules), since OPT's own forward does
-    not know the adapters."""
-    controller = getattr(model, "_long_exposure_controller", None)
-    if controller is None:
+    """Undo `convert` (on the model given to it, or a wrapper around it): the layers run their own
+    forward again. Layers with bottleneck adapters keep Long Exposure's forward in mode "off" (the
+    dense modules), since OPT's own forward does not know the adapters."""
+    model = next((m for m in model.modules() if is_converted(m)), None)
+    if model is None:
         raise ValueError("this model was not converted by long_exposure.models.opt.convert")
+    controller = model._long_exposure_controller
     off = Controller(controller.config, None, "off")
     model._long_exposure_padding_hook.remove()
     del model._long_exposure_padding_hook
