@@ -197,3 +197,29 @@ def test_bad_layout_contents_are_refused():
     with pytest.raises(TypeError, match="layout indices has dtype torch.int64"):
         ops.attention_forward(inputs["q"], inputs["k"], inputs["v"], None, None, layout.counts,
                               layout.indices.long(), 8, 0.5)
+
+
+def test_backward_op_equals_the_reference_backward():
+    inputs, g = make_inputs((2, 2, 37, 8, 8, 3), torch.float32, seed=14, requires_grad=False)
+    layout = random_layout(2, 2, 37, 8, 0.5, generator=g)
+    out, lse = run_op(inputs, layout, 0.4)
+    dout = torch.randn(out.shape, generator=g)
+    args = (inputs["q"], inputs["k"], inputs["v"])
+    ours = ops.attention_backward(dout, *args, inputs["prefix_k"], inputs["prefix_v"], out, lse, layout.counts,
+                                  layout.indices, 8, 0.4, True)
+    theirs = reference.block_sparse_attention_backward(dout, *args, layout.counts, layout.indices, 8, 0.4,
+                                                       inputs["prefix_k"], inputs["prefix_v"])
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), ours, theirs):
+        assert_close_fp32(a, b, name)
+
+
+@pytest.mark.gpu
+def test_cuda_attention_runs_the_reference_until_kernels_exist():
+    inputs, g = make_inputs((1, 2, 40, 8, 8, 2), torch.float32, seed=15)
+    layout = random_layout(1, 2, 40, 8, 0.5, generator=g)
+    dout = torch.randn(1, 2, 40, 8, generator=g)
+    cpu = grads(run_op, inputs, layout, 0.3, dout)
+    cuda_inputs = {k: (v.detach().cuda().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    gpu = grads(run_op, cuda_inputs, layout.to("cuda"), 0.3, dout.cuda())
+    for name in cpu:
+        assert_close_fp32(gpu[name].cpu(), cpu[name], f"grad {name}", atol=1e-4, rtol=1e-3)

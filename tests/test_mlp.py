@@ -1,4 +1,5 @@
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -227,3 +228,36 @@ def test_mask_count_matches_density():
     mask = random_mlp_mask(1000, 4096, 64, 128, 0.25, generator=torch.Generator().manual_seed(0))
     assert abs(mask.density(32).item() - 0.25) < 0.05
     assert math.isclose(MlpMask.full(100, 300, 64, 128).density(3).item(), 1.0)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_backward_op_equals_the_reference_backward(lora):
+    inputs, mask = make_inputs((37, 16, 72, 8, 16), torch.float32, 0.5, seed=11, lora=lora, requires_grad=False)
+    x, w1, w2 = inputs["x"], inputs["w1"], inputs["w2"]
+    _, h, v2 = run_op(inputs, mask)
+    g = torch.Generator().manual_seed(12)
+    dy, dv2 = torch.randn(37, 16, generator=g), torch.randn(v2.shape, generator=g)
+    lora_args = (inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"])
+    ours = ops.mlp_backward(dy, dv2 if lora else None, x, w1, w2, h, mask.counts, mask.indices, 8, 16, *lora_args,
+                            True, True, lora, lora)
+    theirs = reference.neuron_block_mlp_backward(dy, dv2 if lora else None, x, w1, w2, h, mask.counts, mask.indices,
+                                                 8, 16, *lora_args)
+    for name, a, b in zip(("dx", "db1", "db2", "dlora1_u", "dlora1_b", "dlora2_a"), ours, theirs):
+        if b is None:
+            assert a.numel() == 0, name
+        else:
+            assert_close_fp32(a, b, name)
+
+
+@pytest.mark.gpu
+def test_cuda_runs_the_reference_until_kernels_exist():
+    inputs, mask = make_inputs((50, 24, 96, 16, 32), torch.float32, 0.4, seed=13)
+    cuda_inputs = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if v is not None else None)
+                   for k, v in inputs.items()}
+    g = torch.Generator().manual_seed(3)
+    dy, dv2 = torch.randn(50, 24, generator=g), torch.randn(50, 3, generator=g)
+    cpu = grads(run_op, inputs, mask, dy, dv2)
+    with pytest.warns(RuntimeWarning, match="no CUDA kernel") if "mlp_forward" not in ops.mlp._WARNED else nullcontext():
+        gpu = grads(run_op, cuda_inputs, mask.to("cuda"), dy.cuda(), dv2.cuda())
+    for name in cpu:
+        assert_close_fp32(gpu[name].cpu(), cpu[name], f"grad {name}", atol=1e-4, rtol=1e-3)

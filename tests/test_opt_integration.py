@@ -206,3 +206,25 @@ def test_trainer_checkpoints_of_a_converted_model_resume(tmp_path):
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_a_converted_model_trains_on_cuda_as_on_the_cpu(mode):
+    cpu = with_method(tiny_opt(), "lora_all")
+    gpu = copy.deepcopy(cpu).cuda()
+    predictors = None
+    if mode == "sparse":
+        predictors = PredictorSet(LongExposureConfig(tile_m=8, block_n=16, attn_block=8, attn_coverage=0.9),
+                                  model_fingerprint(cpu))
+        for mlp in predictors.mlp:
+            mlp.set_threshold(0.0)
+    convert(cpu, CONFIG if predictors is None else None, predictors=predictors, mode=mode)
+    convert(gpu, CONFIG if predictors is None else None,
+            predictors=copy.deepcopy(predictors).cuda() if predictors is not None else None, mode=mode)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(9))
+    cpu_loss, cpu_grads = loss_and_grads(cpu, ids)
+    gpu_loss, gpu_grads = loss_and_grads(gpu, ids.cuda())
+    torch.testing.assert_close(gpu_loss.cpu(), cpu_loss, atol=1e-4, rtol=1e-4)
+    for name in cpu_grads:
+        torch.testing.assert_close(gpu_grads[name].cpu(), cpu_grads[name], atol=1e-4, rtol=1e-3)

@@ -107,3 +107,35 @@ def attention_block_scores(hidden, wq, wk, block: int) -> torch.Tensor:
     scores = qs @ ks.transpose(-1, -2) / math.sqrt(wq.shape[1])
     causal = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril()
     return torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+
+
+def neuron_block_mlp_backward(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_m, block_n,
+                              lora1_u=None, lora1_b=None, lora2_a=None):
+    """(dx, db1, db2, dlora1_u, dlora1_b, dlora2_a) of neuron_block_mlp, from the saved hidden
+    activation h (zero outside the mask, so h > 0 marks exactly the active, positive entries).
+    LoRA gradients are None where the factors are; computed in fp32, returned in x's dtype."""
+    f = torch.float32 if x.dtype != torch.float64 else torch.float64
+    dh = dy.to(f) @ w2.to(f)
+    if dlora2_v is not None and lora2_a is not None:
+        dh = dh + dlora2_v.to(f) @ lora2_a.to(f)
+    dpre = dh * (h > 0)
+    dx = dpre @ w1.to(f)
+    out = [dx, dpre.sum(0), dy.to(f).sum(0), None, None, None]
+    if lora1_u is not None:
+        out[3] = dpre @ lora1_b.to(f)
+        out[4] = dpre.t() @ lora1_u.to(f)
+    if lora2_a is not None:
+        out[5] = (dlora2_v.to(f).t() @ h.to(f)) if dlora2_v is not None else torch.zeros_like(lora2_a, dtype=f)
+    return tuple(None if t is None else t.to(x.dtype) for t in out)
+
+
+def block_sparse_attention_backward(dout, q, k, v, counts, indices, block, scale, prefix_k=None, prefix_v=None):
+    """(dq, dk, dv, dprefix_k, dprefix_v) of block_sparse_attention, by autograd through it."""
+    inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, prefix_k, prefix_v)]
+    with torch.enable_grad():
+        out, _ = block_sparse_attention(inputs[0], inputs[1], inputs[2], counts, indices, block, scale,
+                                        inputs[3], inputs[4])
+        wanted = [t for t in inputs if t is not None]
+        grads = torch.autograd.grad(out, wanted, dout)
+    grads = list(grads) + [None] * (5 - len(grads))
+    return tuple(grads)

@@ -9,7 +9,8 @@ import torch
 from .. import _C
 from .._views import check_float, check_index, check_shape, view
 from ..formats import BlockLayout
-from .mlp import _require_kernel
+from .. import reference
+from .mlp import _uses_reference
 
 
 def _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale):
@@ -52,7 +53,9 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, S, D], lse [B, H, S] fp32). See cpp/include/long_exposure/attention.h."""
     B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
-    _require_kernel(q.device, "attention_forward")
+    if _uses_reference(q.device, "attention_forward"):
+        out, lse = reference.block_sparse_attention(q, k, v, counts, indices, block, scale, prefix_k, prefix_v)
+        return out.contiguous(), lse.contiguous()
     q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
     counts, indices = counts.contiguous(), indices.contiguous()
     out = q.new_empty(B, H, S, D)
@@ -83,7 +86,12 @@ def attention_backward(
     check_float(out, "out", q)
     check_shape(out, "out", (B, H, S, D))
     check_shape(lse, "lse", (B, H, S))
-    _require_kernel(q.device, "attention_backward")
+    if _uses_reference(q.device, "attention_backward"):
+        dq, dk, dv, dpk, dpv = reference.block_sparse_attention_backward(dout, q, k, v, counts, indices, block, scale,
+                                                                         prefix_k, prefix_v)
+        has = need_dprefix and prefix_k is not None
+        return (dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous() if has else q.new_empty(0),
+                dpv.contiguous() if has else q.new_empty(0))
     dout, q, k, v, prefix_k, prefix_v, out = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v, out))
     counts, indices, lse = counts.contiguous(), indices.contiguous(), lse.contiguous()
     need_dprefix = need_dprefix and prefix_k is not None

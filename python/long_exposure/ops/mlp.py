@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .. import _C
+from .. import _C, reference
 from .._views import check_float, check_index, check_shape, view
 from ..formats import MlpMask
 
@@ -39,12 +41,19 @@ def _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b
     return tokens, d_model, d_ffn
 
 
-def _require_kernel(device: torch.device, op: str) -> None:
-    if device.type != "cpu":
-        raise RuntimeError(
-            f"long_exposure::{op} has no {device.type.upper()} kernel in this version "
-            f"(build_info: {_C.build_info()}); run it on CPU tensors"
-        )
+_WARNED: set[str] = set()
+
+
+def _uses_reference(device: torch.device, op: str) -> bool:
+    """True where this version has no kernel for the device: the op then runs its pure-PyTorch
+    reference (exact, as fast and as memory-hungry as dense PyTorch), and says so once."""
+    if device.type == "cpu":
+        return False
+    if op not in _WARNED:
+        _WARNED.add(op)
+        warnings.warn(f"long_exposure::{op} has no {device.type.upper()} kernel in this version; running the "
+                      "PyTorch reference (correct, not faster than dense)", RuntimeWarning, stacklevel=3)
+    return True
 
 
 @torch.library.custom_op("long_exposure::mlp_forward", mutates_args=())
@@ -55,7 +64,10 @@ def mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, lora2_v); lora2_v is [tokens, 0] without lora2_a. See cpp/include/long_exposure/mlp.h."""
     tokens, d_model, d_ffn = _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
-    _require_kernel(x.device, "mlp_forward")
+    if _uses_reference(x.device, "mlp_forward"):
+        y, h, lora2_v = reference.neuron_block_mlp(x, w1, b1, w2, b2, counts, indices, tile_m, block_n,
+                                                   lora1_u, lora1_b, lora2_a)
+        return y.contiguous(), h.contiguous(), lora2_v.clone()
     args = [t.contiguous() if t is not None else None for t in (x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a)]
     x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a = args
     y = x.new_empty(tokens, d_model)
@@ -90,7 +102,12 @@ def mlp_backward(
     check_shape(dy, "dy", (tokens, d_model))
     check_float(h, "h", x)
     check_shape(h, "h", (tokens, d_ffn))
-    _require_kernel(x.device, "mlp_backward")
+    if _uses_reference(x.device, "mlp_backward"):
+        grads = reference.neuron_block_mlp_backward(dy, dlora2_v if lora2_a is not None else None, x, w1, w2, h,
+                                                    counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
+        wanted = (True, need_db1, need_db2, need_dlora1 and lora1_u is not None, need_dlora1 and lora1_u is not None,
+                  need_dlora2_a and lora2_a is not None)
+        return tuple(g.contiguous() if w and g is not None else x.new_empty(0) for g, w in zip(grads, wanted))
     args = [t.contiguous() if t is not None else None for t in (dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)]
     dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
     if dlora2_v is not None and dlora2_v.shape[1] == 0:
