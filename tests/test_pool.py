@@ -186,3 +186,13 @@ def test_cuda_combination_equals_cpu(n):
     assert torch.equal(gpu_layout.counts.cpu(), cpu_layout.counts)
     assert torch.equal(gpu_layout.indices.cpu(), cpu_layout.indices)
     assert torch.equal(gpu_q[0].cpu(), cpu_q[0]) and torch.equal(gpu_q[1].cpu(), cpu_q[1])
+
+
+@pytest.mark.gpu
+def test_a_gpu_pool_projects_like_a_cpu_pool():
+    g = torch.Generator().manual_seed(7)
+    scores = torch.rand(2, 3, 16, 16, generator=g) ** 4
+    cpu = PatternPool(16).project(scores, 0.9)
+    gpu = PatternPool(16, device="cuda").project(scores.cuda(), 0.9)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())

@@ -26,7 +26,8 @@ def current_stream(device: torch.device) -> int:
 
 
 def view(tensor: torch.Tensor | None, name: str, stream: int | None = None):
-    """The core's view of `tensor` (None stays None). The caller keeps the tensor alive.
+    """The core's view of `tensor` (None stays None). The caller keeps the tensor alive until the
+    core call returns: never pass a temporary (view(t.cpu(), ...)), whose memory is freed at once.
 
     `stream` spares the per-tensor stream lookup when a caller passes many views of one device.
     """

@@ -182,7 +182,9 @@ class PatternPool:
         G = flat.shape[0]
         selection = torch.empty(G, self.n_words, dtype=torch.int64)
         density, covered = torch.empty(G), torch.empty(G)
-        _C.project_patterns(view(self.row_counts.cpu(), "lut counts"), view(self.row_indices.cpu(), "lut indices"),
+        # Named, so that the CPU copies of a GPU pool's tables outlive the views of them.
+        lut_counts, lut_indices = self.row_counts.cpu(), self.row_indices.cpu()
+        _C.project_patterns(view(lut_counts, "lut counts"), view(lut_indices, "lut indices"),
                             self.diagonal_atom, view(flat, "scores"), float(recall), view(selection, "selection"),
                             view(density, "density"), view(covered, "covered"))
         out = (selection.reshape(*lead, self.n_words), density.reshape(lead), covered.reshape(lead))

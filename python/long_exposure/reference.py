@@ -129,13 +129,24 @@ def neuron_block_mlp_backward(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_
     return tuple(None if t is None else t.to(x.dtype) for t in out)
 
 
-def block_sparse_attention_backward(dout, q, k, v, counts, indices, block, scale, prefix_k=None, prefix_v=None):
-    """(dq, dk, dv, dprefix_k, dprefix_v) of block_sparse_attention, by autograd through it."""
-    inputs = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, prefix_k, prefix_v)]
-    with torch.enable_grad():
-        out, _ = block_sparse_attention(inputs[0], inputs[1], inputs[2], counts, indices, block, scale,
-                                        inputs[3], inputs[4])
-        wanted = [t for t in inputs if t is not None]
-        grads = torch.autograd.grad(out, wanted, dout)
-    grads = list(grads) + [None] * (5 - len(grads))
-    return tuple(grads)
+def block_sparse_attention_backward(dout, q, k, v, out, lse, counts, indices, block, scale, prefix_k=None,
+                                    prefix_v=None):
+    """(dq, dk, dv, dprefix_k, dprefix_v) of block_sparse_attention from its output and logsumexp,
+    written out (not by autograd, which does not run inside a custom op's kernel); fp32 inside."""
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, H, S, _ = q.shape
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    keys = (torch.cat([prefix_k, k], 2) if P else k).to(f)
+    values = (torch.cat([prefix_v, v], 2) if P else v).to(f)
+    allowed = attention_allowed(counts, indices, block, S, P).expand(B, H, -1, -1)
+    scores = (q.to(f) @ keys.transpose(-1, -2)) * scale
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(f).unsqueeze(-1)
+    p = torch.where(allowed, torch.exp(scores - safe_lse), torch.zeros((), dtype=f, device=q.device))
+    g = dout.to(f)
+    d_values = p.transpose(-1, -2) @ g
+    ds = p * (g @ values.transpose(-1, -2) - (g * out.to(f)).sum(-1, keepdim=True))
+    dq = (ds @ keys) * scale
+    d_keys = (ds.transpose(-1, -2) @ q.to(f)) * scale
+    grads = [dq, d_keys[:, :, P:], d_values[:, :, P:]]
+    grads += [d_keys[:, :, :P], d_values[:, :, :P]] if P else [None, None]
+    return tuple(None if t is None else t.to(q.dtype) for t in grads)

@@ -87,8 +87,8 @@ def attention_backward(
     check_shape(out, "out", (B, H, S, D))
     check_shape(lse, "lse", (B, H, S))
     if _uses_reference(q.device, "attention_backward"):
-        dq, dk, dv, dpk, dpv = reference.block_sparse_attention_backward(dout, q, k, v, counts, indices, block, scale,
-                                                                         prefix_k, prefix_v)
+        dq, dk, dv, dpk, dpv = reference.block_sparse_attention_backward(dout, q, k, v, out, lse, counts, indices,
+                                                                         block, scale, prefix_k, prefix_v)
         has = need_dprefix and prefix_k is not None
         return (dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous() if has else q.new_empty(0),
                 dpv.contiguous() if has else q.new_empty(0))
