@@ -138,6 +138,10 @@ def test_drift_monitor_retrains_or_sends_layers_dense(fitted, small_opt):
             assert damaged.mlp[1].threshold.item() < 1e9
         else:
             assert bool(damaged.dense_mlp[1]) and bool(damaged.dense_attn[0]) and again == []
+            reloaded = PredictorSet(damaged.config, damaged.fingerprint)
+            reloaded.load_state_dict(damaged.state_dict())  # the flags survive saving
+            assert reloaded.is_dense("mlp", 1) and reloaded.is_dense("attention", 0)
+            assert not reloaded.is_dense("mlp", 0)
 
 
 def test_config_refuses_bad_values():

@@ -272,6 +272,21 @@ class PredictorSet(nn.Module):
         # Layers whose MLP or attention the drift monitor sent back to dense computation.
         self.register_buffer("dense_mlp", torch.zeros(layers, dtype=torch.bool))
         self.register_buffer("dense_attn", torch.zeros(layers, dtype=torch.bool))
+        # Host copies of the flags: every layer reads them every step, which must not sync.
+        self._dense = {"mlp": set(), "attention": set()}
+
+    def is_dense(self, part: str, layer: int) -> bool:
+        """Whether the drift monitor sent this layer's "mlp" or "attention" to dense computation."""
+        return layer in self._dense[part]
+
+    def mark_dense(self, part: str, layer: int) -> None:
+        (self.dense_mlp if part == "mlp" else self.dense_attn)[layer] = True
+        self._dense[part].add(layer)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._dense = {"mlp": set(torch.nonzero(self.dense_mlp.cpu()).flatten().tolist()),
+                       "attention": set(torch.nonzero(self.dense_attn.cpu()).flatten().tolist())}
 
     # -- calibration data
 
@@ -458,7 +473,7 @@ class DriftMonitor:
 
     def _check_mlp(self, step: int, index: int, layer: _LayerData) -> DriftEvent | None:
         cfg = self.predictors.config
-        if self.predictors.dense_mlp[index]:
+        if self.predictors.is_dense("mlp", index):
             return None
         predictor = self.predictors.mlp[index]
         x, mass, target = layer.mlp_x[0], layer.tile_mass[0], layer.tile_target[0]
@@ -466,7 +481,7 @@ class DriftMonitor:
         if recall >= self.recall:
             return None
         if self.action == "dense":
-            self.predictors.dense_mlp[index] = True
+            self.predictors.mark_dense("mlp", index)
             return DriftEvent(step, index, "mlp", recall, self.recall, "dense")
         train_mlp_predictor(x, layer.token_labels[0], cfg.mlp_rank, steps=self.retrain_steps, seed=step + index,
                             predictor=predictor)
@@ -478,7 +493,7 @@ class DriftMonitor:
         from .pool import PatternPool
 
         cfg = self.predictors.config
-        if self.predictors.dense_attn[index]:
+        if self.predictors.is_dense("attention", index):
             return None
         predictor = self.predictors.attn[index]
         hidden, target = layer.attn_hidden[0], layer.attn_target[0]
@@ -488,7 +503,7 @@ class DriftMonitor:
         if covered >= wanted:
             return None
         if self.action == "dense":
-            self.predictors.dense_attn[index] = True
+            self.predictors.mark_dense("attention", index)
             return DriftEvent(step, index, "attention", covered, wanted, "dense")
         train_attention_predictor(hidden, target, target.shape[1], cfg.attn_rank, cfg.attn_block,
                                   steps=self.retrain_steps, seed=step + index, predictor=predictor)

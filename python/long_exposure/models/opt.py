@@ -55,7 +55,7 @@ class Controller:
 
     def mlp_mask(self, index: int, x: torch.Tensor, n_neurons: int) -> MlpMask:
         cfg = self.config
-        if self.mode == "full" or bool(self.predictors.dense_mlp[index]):
+        if self.mode == "full" or self.predictors.is_dense("mlp", index):
             mask = MlpMask.full(x.shape[0], n_neurons, cfg.tile_m, cfg.block_n, device=x.device)
         else:
             mask = self.predictors.mlp[index].mask(x, cfg.tile_m, cfg.block_n)
@@ -67,7 +67,7 @@ class Controller:
 
         cfg = self.config
         S = hidden.shape[1]
-        if self.mode == "full" or bool(self.predictors.dense_attn[index]):
+        if self.mode == "full" or self.predictors.is_dense("attention", index):
             layout = BlockLayout.causal(heads, S, cfg.attn_block, device=hidden.device)
         else:
             n = math.ceil(S / cfg.attn_block)
