@@ -456,55 +456,85 @@ class DriftMonitor:
         return self.every > 0 and step % self.every == 0
 
     def check(self, step: int, input_ids: torch.Tensor) -> list[DriftEvent]:
-        """Measure now (call when `due(step)`); returns this check's events."""
+        """Measure now (call when `due(step)`); returns this check's events.
+
+        Under torch.distributed every rank measures its own batch; the measurements are reduced
+        to their minimum, so every rank takes the same decisions, and a retrained predictor is
+        broadcast from rank 0, so the predictors stay identical across ranks."""
+        from .pool import PatternPool
+
+        cfg = self.predictors.config
         was_training = self.model.training
         self.model.eval()
         data = self.predictors._layer_data(self.model, [input_ids])
         self.model.train(was_training)
-        events = []
+        wanted = {"mlp": self.recall, "attention": cfg.attn_coverage * self.recall}
+        measured = []
         for index, layer in enumerate(data):
-            for event in (self._check_mlp(step, index, layer), self._check_attention(step, index, layer)):
-                if event is not None:
-                    logger.info("drift at step %d: layer %d %s measures %.4f (target %.4f); %s", event.step,
-                                event.layer, event.part, event.measured, event.target, event.action)
-                    events.append(event)
+            mlp = attention = math.inf  # a dense layer has nothing to measure
+            if not self.predictors.is_dense("mlp", index):
+                kept = self.predictors.mlp[index].keep(layer.mlp_x[0], cfg.tile_m)
+                mlp = mlp_metrics(kept, layer.tile_target[0], layer.tile_mass[0]).mass_recall
+            if not self.predictors.is_dense("attention", index):
+                target = layer.attn_target[0]
+                grid, _, _, _ = self.predictors.attn[index].layout(layer.attn_hidden[0], PatternPool(target.shape[-1]),
+                                                                   cfg.attn_coverage)
+                attention = ((target * grid.to_dense()).sum() / target.sum()).item()
+            measured.append((mlp, attention))
+        measured = _smallest_over_ranks(measured)
+        events = []
+        for index, (layer, values) in enumerate(zip(data, measured)):
+            for part, value in zip(("mlp", "attention"), values):
+                if value >= wanted[part]:
+                    continue
+                if self.action == "dense":
+                    self.predictors.mark_dense(part, index)
+                else:
+                    self._retrain(part, index, layer, step)
+                event = DriftEvent(step, index, part, value, wanted[part],
+                                   "dense" if self.action == "dense" else "retrained")
+                logger.info("drift at step %d: layer %d %s measures %.4f (target %.4f); %s", event.step,
+                            event.layer, event.part, event.measured, event.target, event.action)
+                events.append(event)
         self.events += events
         return events
 
-    def _check_mlp(self, step: int, index: int, layer: _LayerData) -> DriftEvent | None:
+    def _retrain(self, part: str, index: int, layer: _LayerData, step: int) -> None:
         cfg = self.predictors.config
-        if self.predictors.is_dense("mlp", index):
-            return None
-        predictor = self.predictors.mlp[index]
-        x, mass, target = layer.mlp_x[0], layer.tile_mass[0], layer.tile_target[0]
-        recall = mlp_metrics(predictor.keep(x, cfg.tile_m), target, mass).mass_recall
-        if recall >= self.recall:
-            return None
-        if self.action == "dense":
-            self.predictors.mark_dense("mlp", index)
-            return DriftEvent(step, index, "mlp", recall, self.recall, "dense")
-        train_mlp_predictor(x, layer.token_labels[0], cfg.mlp_rank, steps=self.retrain_steps, seed=step + index,
-                            predictor=predictor)
-        predictor.set_threshold(calibrate_threshold(predictor.tile_max(x, cfg.tile_m), mass, target,
-                                                    calibration_recall(cfg.target_recall)))
-        return DriftEvent(step, index, "mlp", recall, self.recall, "retrained")
+        if part == "mlp":
+            predictor = self.predictors.mlp[index]
+            x, mass, target = layer.mlp_x[0], layer.tile_mass[0], layer.tile_target[0]
+            train_mlp_predictor(x, layer.token_labels[0], cfg.mlp_rank, steps=self.retrain_steps, seed=step + index,
+                                predictor=predictor)
+            predictor.set_threshold(calibrate_threshold(predictor.tile_max(x, cfg.tile_m), mass, target,
+                                                        calibration_recall(cfg.target_recall)))
+        else:
+            predictor = self.predictors.attn[index]
+            target = layer.attn_target[0]
+            train_attention_predictor(layer.attn_hidden[0], target, target.shape[1], cfg.attn_rank, cfg.attn_block,
+                                      steps=self.retrain_steps, seed=step + index, predictor=predictor)
+        if _world_size() > 1:
+            import torch.distributed as dist
 
-    def _check_attention(self, step: int, index: int, layer: _LayerData) -> DriftEvent | None:
-        from .pool import PatternPool
+            for tensor in predictor.state_dict().values():
+                dist.broadcast(tensor, src=0)
+            if part == "mlp":
+                predictor._threshold = float(predictor.threshold)
 
-        cfg = self.predictors.config
-        if self.predictors.is_dense("attention", index):
-            return None
-        predictor = self.predictors.attn[index]
-        hidden, target = layer.attn_hidden[0], layer.attn_target[0]
-        grid, _, _, _ = predictor.layout(hidden, PatternPool(target.shape[-1]), cfg.attn_coverage)
-        covered = ((target * grid.to_dense()).sum() / target.sum()).item()
-        wanted = cfg.attn_coverage * self.recall
-        if covered >= wanted:
-            return None
-        if self.action == "dense":
-            self.predictors.mark_dense("attention", index)
-            return DriftEvent(step, index, "attention", covered, wanted, "dense")
-        train_attention_predictor(hidden, target, target.shape[1], cfg.attn_rank, cfg.attn_block,
-                                  steps=self.retrain_steps, seed=step + index, predictor=predictor)
-        return DriftEvent(step, index, "attention", covered, wanted, "retrained")
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _smallest_over_ranks(measured: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Each value's minimum over all ranks (one collective); unchanged in a single process."""
+    if _world_size() == 1:
+        return measured
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor(measured, dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return [tuple(row) for row in values.tolist()]
