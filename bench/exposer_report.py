@@ -19,7 +19,8 @@ from long_exposure.data import load_addresses, split_by_year, token_blocks
 from long_exposure.exposer import AttentionMassPolicy, Exposer, MlpMassPolicy, MlpThresholdPolicy
 from long_exposure.permutation import activation_profiles, balanced_order, permute_model
 from long_exposure.predictors import PredictorSet, model_fingerprint
-from long_exposure.small_opt import build_small_opt, evaluate_loss, pretrain
+from long_exposure.pipeline import evaluate
+from long_exposure.small_opt import build_small_opt, pretrain
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     calibration, held_out = batches[:8], batches[8:]
     modern = list(token_blocks(splits["evaluate"], args.seq, max_blocks=32).split(8))
     say(f"small OPT: hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, {args.steps} pretraining steps "
-        f"(final loss {losses[-1]:.3f}, loss on 2000+ {evaluate_loss(model, torch.cat(modern)):.3f}); "
+        f"(final loss {losses[-1]:.3f}, loss on 2000+ {evaluate(model, torch.cat(modern)):.3f}); "
         f"tile {args.tile} tokens, neuron block {args.block}, attention block {args.attn_block}, seq {args.seq}")
 
     policies = {f"mass eps={e}": MlpMassPolicy(e) for e in (0.01, 0.05, 0.2)}

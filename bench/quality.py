@@ -18,7 +18,8 @@ from report import Report
 from long_exposure.config import LongExposureConfig
 from long_exposure.data import load_addresses, split_by_year, token_blocks
 from long_exposure.pipeline import quality_comparison
-from long_exposure.small_opt import build_small_opt, evaluate_loss, pretrain
+from long_exposure.pipeline import evaluate
+from long_exposure.small_opt import build_small_opt, pretrain
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     finetune_blocks = token_blocks(splits["finetune"], args.seq, max_blocks=4000)
     eval_blocks = token_blocks(splits["evaluate"], args.seq, max_blocks=64)
     say(f"small OPT (hidden 128, 4 layers, ffn 512), {args.pretrain_steps} pretraining steps; base loss on 2000+: "
-        f"{evaluate_loss(base, eval_blocks):.4f}; {args.method}, {args.steps} fine-tuning steps of 8 x {args.seq} tokens")
+        f"{evaluate(base, eval_blocks):.4f}; {args.method}, {args.steps} fine-tuning steps of 8 x {args.seq} tokens")
     say("")
     say("| MLP policy | attention coverage | dense adapter loss | Long Exposure adapter loss | gap | mean MLP density "
         "| mean attention density | step s dense / LE (CPU) | within 1% |")

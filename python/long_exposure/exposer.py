@@ -118,6 +118,11 @@ def causal_density(keep: torch.Tensor) -> float:
     return (keep.tril().sum() / (keep[..., 0, 0].numel() * n * (n + 1) / 2)).item()
 
 
+def mass_covered(target: torch.Tensor, keep: torch.Tensor) -> float:
+    """Share of the attention mass of row-normalised [..., n, n] block maps that `keep` holds."""
+    return ((target * keep).sum() / target.sum()).item()
+
+
 def attention_output_error(q, k, v, keep: torch.Tensor, block: int) -> float:
     """Relative error of block-sparse attention under `keep` [B or 1, H, n, n] against dense causal attention."""
     from .formats import BlockLayout

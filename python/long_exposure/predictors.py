@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import LongExposureConfig
-from .exposer import Exposer, decoder_layers, tile_block_sums
+from .exposer import Exposer, causal_density, mass_covered, tile_block_sums
 from .formats import MlpMask
 
 logger = logging.getLogger("long_exposure")
@@ -361,8 +361,8 @@ class PredictorSet(nn.Module):
                 grid, _, d, _ = self.attn[index].layout(hidden, pool, cfg.attn_coverage)
                 active = grid.to_dense()
                 density.append(d.mean().item())
-                covered.append(((target * active).sum((-1, -2)) / target.sum((-1, -2))).mean().item())
-                exposer_density.append(keep.tril().sum().item() / (keep[..., 0, 0].numel() * n * (n + 1) / 2))
+                covered.append(mass_covered(target, active))
+                exposer_density.append(causal_density(keep))
             reports.append(LayerPredictorReport(index, mlp, sum(density) / len(density), sum(covered) / len(covered),
                                                 sum(exposer_density) / len(exposer_density)))
         return reports
@@ -451,6 +451,7 @@ class DriftMonitor:
             raise ValueError(f"action must be 'retrain' or 'dense', got {self.action!r}")
         self.retrain_steps = retrain_steps
         self.events: list[DriftEvent] = []
+        self._pools: dict = {}  # grid size -> PatternPool, built once
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -477,9 +478,12 @@ class DriftMonitor:
                 mlp = mlp_metrics(kept, layer.tile_target[0], layer.tile_mass[0]).mass_recall
             if not self.predictors.is_dense("attention", index):
                 target = layer.attn_target[0]
-                grid, _, _, _ = self.predictors.attn[index].layout(layer.attn_hidden[0], PatternPool(target.shape[-1]),
+                n = target.shape[-1]
+                if n not in self._pools:
+                    self._pools[n] = PatternPool(n)
+                grid, _, _, _ = self.predictors.attn[index].layout(layer.attn_hidden[0], self._pools[n],
                                                                    cfg.attn_coverage)
-                attention = ((target * grid.to_dense()).sum() / target.sum()).item()
+                attention = mass_covered(target, grid.to_dense())
             measured.append((mlp, attention))
         measured = _smallest_over_ranks(measured)
         events = []

@@ -44,19 +44,24 @@ def attention_allowed(counts, indices, block: int, seq_len: int, prefix_len: int
     return allowed
 
 
+def _attention_scores(q, k, v, counts, indices, block, scale, prefix_k, prefix_v, stat_dtype):
+    """(keys, values, allowed [B, H, S, P + S], scaled scores in stat_dtype) with the prefix first."""
+    B, H, S, _ = q.shape
+    if prefix_k is not None:
+        k = torch.cat([prefix_k, k], dim=2)
+        v = torch.cat([prefix_v, v], dim=2)
+    allowed = attention_allowed(counts, indices, block, S, k.shape[2] - S).expand(B, H, -1, -1)
+    return k, v, allowed, (q @ k.transpose(-1, -2)).to(stat_dtype) * scale
+
+
 def block_sparse_attention(q, k, v, counts, indices, block, scale, prefix_k=None, prefix_v=None):
     """(out, lse) of block-sparse causal attention; see cpp/include/long_exposure/attention.h.
 
     Softmax statistics are kept in fp32 (fp64 for fp64 inputs), probabilities are cast back to the
     input dtype before the product with V, as PyTorch's own math attention does.
     """
-    B, H, S, _ = q.shape
-    if prefix_k is not None:
-        k = torch.cat([prefix_k, k], dim=2)
-        v = torch.cat([prefix_v, v], dim=2)
-    allowed = attention_allowed(counts, indices, block, S, k.shape[2] - S).expand(B, H, -1, -1)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q @ k.transpose(-1, -2)).to(stat_dtype) * scale
+    _, v, allowed, scores = _attention_scores(q, k, v, counts, indices, block, scale, prefix_k, prefix_v, stat_dtype)
     has_keys = allowed.any(dim=-1, keepdim=True)
     # Empty rows get finite placeholder scores so that no -inf - -inf reaches autograd.
     safe = scores.masked_fill(~allowed, -math.inf).masked_fill(~has_keys, 0.0)
@@ -134,12 +139,10 @@ def block_sparse_attention_backward(dout, q, k, v, out, lse, counts, indices, bl
     """(dq, dk, dv, dprefix_k, dprefix_v) of block_sparse_attention from its output and logsumexp,
     written out (not by autograd, which does not run inside a custom op's kernel); fp32 inside."""
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, H, S, _ = q.shape
     P = 0 if prefix_k is None else prefix_k.shape[2]
-    keys = (torch.cat([prefix_k, k], 2) if P else k).to(f)
-    values = (torch.cat([prefix_v, v], 2) if P else v).to(f)
-    allowed = attention_allowed(counts, indices, block, S, P).expand(B, H, -1, -1)
-    scores = (q.to(f) @ keys.transpose(-1, -2)) * scale
+    keys, values, allowed, scores = _attention_scores(q.to(f), k.to(f), v.to(f), counts, indices, block, scale,
+                                                      None if prefix_k is None else prefix_k.to(f),
+                                                      None if prefix_v is None else prefix_v.to(f), f)
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(f).unsqueeze(-1)
     p = torch.where(allowed, torch.exp(scores - safe_lse), torch.zeros((), dtype=f, device=q.device))
     g = dout.to(f)

@@ -61,15 +61,3 @@ def pretrain(model, blocks: torch.Tensor, steps: int, batch_size: int = 16, lr: 
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def evaluate_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token loss over the blocks."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-        count += len(batch)
-    return total / count

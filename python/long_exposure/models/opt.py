@@ -42,6 +42,7 @@ class Controller:
     mode: str = "sparse"
     densities: dict = field(default_factory=dict)  # (layer, "mlp" | "attention") -> 0-d tensor of the last step
     _pools: dict = field(default_factory=dict)
+    _full: dict = field(default_factory=dict)  # all-active masks by shape: built once, not every step
 
     def __post_init__(self):
         self.set_mode(self.mode)
@@ -56,7 +57,10 @@ class Controller:
     def mlp_mask(self, index: int, x: torch.Tensor, n_neurons: int) -> MlpMask:
         cfg = self.config
         if self.mode == "full" or self.predictors.is_dense("mlp", index):
-            mask = MlpMask.full(x.shape[0], n_neurons, cfg.tile_m, cfg.block_n, device=x.device)
+            key = ("mlp", x.shape[0], n_neurons, x.device)
+            if key not in self._full:
+                self._full[key] = MlpMask.full(x.shape[0], n_neurons, cfg.tile_m, cfg.block_n, device=x.device)
+            mask = self._full[key]
         else:
             mask = self.predictors.mlp[index].mask(x, cfg.tile_m, cfg.block_n)
         self.densities[(index, "mlp")] = mask.density(math.ceil(n_neurons / cfg.block_n))
@@ -68,7 +72,10 @@ class Controller:
         cfg = self.config
         S = hidden.shape[1]
         if self.mode == "full" or self.predictors.is_dense("attention", index):
-            layout = BlockLayout.causal(heads, S, cfg.attn_block, device=hidden.device)
+            key = ("attention", heads, S, hidden.device)
+            if key not in self._full:
+                self._full[key] = BlockLayout.causal(heads, S, cfg.attn_block, device=hidden.device)
+            layout = self._full[key]
         else:
             n = math.ceil(S / cfg.attn_block)
             if n not in self._pools:
