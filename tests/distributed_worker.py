@@ -6,6 +6,7 @@ ranks. Rank 0 writes the losses, the drift events and whether every rank holds t
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -69,7 +70,13 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"losses": losses, "events": [(e.step, e.layer, e.part, e.action) for e in monitor.events],
                        "predictors_agree": all(torch.equal(states[0], other) for other in states)}, f)
-    dist.destroy_process_group()
+    # Both ranks finish together, then leave without running the process group's teardown: it
+    # intermittently aborted rank 0 ("terminate called without an active exception") after the
+    # results were already written, failing runs whose results were complete.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
