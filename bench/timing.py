@@ -19,3 +19,20 @@ def cuda_times_ms(fn, reps: int, warmup: int = 0) -> list[float]:
         stop.synchronize()
         times.append(start.elapsed_time(stop))
     return times
+
+
+def graph_times_ms(fn, reps: int, replays: int = 10) -> list[float]:
+    """Milliseconds per call of fn, with `replays` calls captured in one CUDA graph and each graph
+    replay timed: the kernels' own time, without the host's launch overhead between calls (a
+    training step captured in a graph runs the same way)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    return [t / replays for t in cuda_times_ms(graph.replay, reps, warmup=2)]

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_backward_op_equals_the_reference_backward(kind):
 
 
 @pytest.mark.gpu
-def test_cuda_attention_runs_the_reference_until_kernels_exist():
+def test_cuda_fp32_runs_the_reference():
     inputs, g = make_inputs((1, 2, 40, 8, 8, 2), torch.float32, seed=15)
     layout = random_layout(1, 2, 40, 8, 0.5, generator=g)
     dout = torch.randn(1, 2, 40, 8, generator=g)
@@ -227,3 +228,127 @@ def test_cuda_attention_runs_the_reference_until_kernels_exist():
     gpu = grads(run_op, cuda_inputs, layout.to("cuda"), 0.3, dout.cuda())
     for name in cpu:
         assert_close_fp32(gpu[name].cpu(), cpu[name], f"grad {name}", atol=1e-4, rtol=1e-3)
+
+
+# ---- CUDA kernels ---------------------------------------------------------------------------
+
+# (batch, heads, seq, head_dim, block, prefix): ragged sequences, prefixes that are not a multiple
+# of the block, a sequence shorter than one block, and OPT-2.7B's head dim 80.
+CUDA_SHAPES = [(2, 3, 256, 64, 64, 0), (1, 2, 300, 64, 64, 17), (2, 2, 200, 128, 128, 0),
+               (1, 2, 384, 128, 64, 70), (2, 2, 190, 80, 64, 5), (1, 1, 40, 64, 64, 0),
+               (1, 2, 520, 64, 128, 130)]
+CUDA_LAYOUTS = ["random", "random_no_diagonal", "per_batch", "causal", "empty", "local_sink"]
+
+
+def to_cuda(inputs):
+    return {k: (v.detach().cuda().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+
+
+def assert_lse_within_twice_reference(lse, low_lse, ref_lse, name):
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), f"{name}: rows with nothing to attend differ"
+    keep = ~empty
+    assert_within_twice_reference(lse[keep], low_lse[keep], ref_lse[keep], name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("kind", CUDA_LAYOUTS)
+def test_cuda_kernels_within_twice_reference_error(dtype, shape, kind):
+    B, H, S, D, block, P = shape
+    low, g = make_inputs(shape, dtype, seed=hash((shape, kind)) % 1000)
+    layout = make_layout(kind, B, H, S, block, g)
+    dout = torch.randn(B, H, S, D, generator=g).to(dtype).cuda()
+    low, layout = to_cuda(low), layout.to("cuda")
+    high = cast(low, torch.float32)
+    scale = 1.0 / math.sqrt(D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the kernel runs, not the reference
+        out, lse = run_op(low, layout, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref_out, ref_lse = run_reference(high, layout, scale)
+    low_out, low_lse = run_reference(cast(low, dtype), layout, scale)
+    assert_within_twice_reference(out, low_out, ref_out.detach(), "out")
+    assert_lse_within_twice_reference(lse, low_lse, ref_lse.detach(), "lse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ours = grads(run_op, low, layout, scale, dout)
+    fp32 = grads(run_reference, high, layout, scale, dout.float())
+    theirs = grads(run_reference, cast(low, dtype), layout, scale, dout)
+    for name in fp32:
+        assert_within_twice_reference(ours[name], theirs[name], fp32[name], f"grad {name}")
+
+
+def _poisoned_cuda_outputs(inputs, layout, scale, dout):
+    """Every output of the CUDA kernels, called through _C on outputs and workspaces filled with NaN
+    (and garbage block lists), so that an element the kernels forget to write fails the test."""
+    from long_exposure import _C
+    from long_exposure._views import view
+
+    q, k, v, pk, pv = (inputs[n] if inputs[n] is None else inputs[n].detach()
+                       for n in ("q", "k", "v", "prefix_k", "prefix_v"))
+    B, H, S, D = q.shape
+    nan = float("nan")
+    out, lse = torch.full_like(q, nan), q.new_full((B, H, S), nan, dtype=torch.float32)
+    counts, indices = layout.counts, layout.indices
+    _C.attention_forward(view(q, "q"), view(k, "k"), view(v, "v"), view(pk, "pk"), view(pv, "pv"),
+                         view(counts, "c"), view(indices, "i"), layout.block, scale, view(out, "out"),
+                         view(lse, "lse"))
+    dq, dk, dv = (torch.full_like(q, nan) for _ in range(3))
+    dpk = torch.full_like(pk, nan) if pk is not None else None
+    dpv = torch.full_like(pv, nan) if pv is not None else None
+    Lb, _, n_q = counts.shape
+    ws = (q.new_full((B, H, S), nan, dtype=torch.float32), torch.full_like(counts, 12345),
+          torch.full((Lb, H, n_q, n_q), 12345, dtype=torch.int32, device=q.device))
+    _C.attention_backward(view(dout, "dout"), view(q, "q"), view(k, "k"), view(v, "v"), view(pk, "pk"),
+                          view(pv, "pv"), view(out, "out"), view(lse, "lse"), view(counts, "c"), view(indices, "i"),
+                          layout.block, scale, view(dq, "dq"), view(dk, "dk"), view(dv, "dv"),
+                          view(dpk, "dpk"), view(dpv, "dpv"), *(view(w, "ws") for w in ws))
+    return dict(out=out, lse=lse, q=dq, k=dk, v=dv, prefix_k=dpk, prefix_v=dpv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [CUDA_SHAPES[1], CUDA_SHAPES[2], CUDA_SHAPES[4], CUDA_SHAPES[6]])
+@pytest.mark.parametrize("kind", ["random", "empty", "per_batch"])
+def test_cuda_kernels_write_every_output(shape, kind):
+    B, H, S, D, block, P = shape
+    inputs, g = make_inputs(shape, torch.bfloat16, seed=21, requires_grad=False)
+    layout = make_layout(kind, B, H, S, block, g).to("cuda")
+    inputs = to_cuda(inputs)
+    dout = torch.randn(B, H, S, D, generator=g).bfloat16().cuda()
+    poisoned = _poisoned_cuda_outputs(inputs, layout, 0.125, dout)
+    for name, t in poisoned.items():
+        if t is not None:
+            assert not torch.isnan(t).any(), f"{name} has unwritten elements"
+    out, lse = run_op(inputs, layout, 0.125)
+    assert torch.equal(poisoned["out"], out) and torch.equal(poisoned["lse"], lse)
+    ours = grads(run_op, inputs, layout, 0.125, dout)
+    for name, t in ours.items():
+        assert torch.equal(poisoned[name], t), f"grad {name} differs between calls"
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_take_strided_and_misaligned_inputs():
+    g = torch.Generator().manual_seed(22)
+    qkv = torch.randn(2, 130, 3, 2, 64, generator=g).bfloat16().cuda()  # [batch, seq, (q,k,v), heads, dim]
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    layout = random_layout(1, 2, 130, 64, 0.5, generator=g).to("cuda")
+    dense = {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous(), "prefix_k": None, "prefix_v": None}
+    expected, _ = run_op(dense, layout, 0.125)
+    strided, _ = run_op({**dense, "q": q, "k": k, "v": v}, layout, 0.125)
+    torch.testing.assert_close(strided, expected, atol=0, rtol=0)
+    flat = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    shifted = flat[1:].view(q.shape).copy_(q)  # starts 2 bytes past an allocation
+    misaligned, _ = run_op({**dense, "q": shifted}, layout, 0.125)
+    torch.testing.assert_close(misaligned, expected, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_unsupported_configurations_run_the_reference():
+    inputs, g = make_inputs((1, 2, 40, 32, 16, 0), torch.bfloat16, seed=23)
+    layout = random_layout(1, 2, 40, 16, 0.5, generator=g)
+    cuda_inputs = to_cuda(inputs)
+    out, _ = run_op(cuda_inputs, layout.to("cuda"), 0.3)
+    ref, _ = run_reference(cuda_inputs, layout.to("cuda"), 0.3)
+    torch.testing.assert_close(out, ref)

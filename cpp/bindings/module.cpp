@@ -88,13 +88,15 @@ PYBIND11_MODULE(_C, m) {
          const TensorView& w2, const TensorView& h, const TensorView& counts,
          const TensorView& indices, int64_t tile_m, int64_t block_n, const Opt& lora1_u,
          const Opt& lora1_b, const Opt& lora2_a, const TensorView& dx, const Opt& db1,
-         const Opt& db2, const Opt& dlora1_u, const Opt& dlora1_b, const Opt& dlora2_a) {
+         const Opt& db2, const Opt& dlora1_u, const Opt& dlora1_b, const Opt& dlora2_a,
+         const Opt& dh_workspace, const Opt& sum_workspace) {
         MlpBackwardArgs a;
         a.dy = dy; a.dlora2_v = value(dlora2_v); a.x = x; a.w1 = w1; a.w2 = w2; a.h = h;
         a.mask = MlpMask{counts, indices, tile_m, block_n};
         a.lora1_u = value(lora1_u); a.lora1_b = value(lora1_b); a.lora2_a = value(lora2_a);
         a.dx = dx; a.db1 = value(db1); a.db2 = value(db2);
         a.dlora1_u = value(dlora1_u); a.dlora1_b = value(dlora1_b); a.dlora2_a = value(dlora2_a);
+        a.dh_workspace = value(dh_workspace); a.sum_workspace = value(sum_workspace);
         mlp_backward(a);
       },
       py::call_guard<py::gil_scoped_release>());
@@ -118,16 +120,23 @@ PYBIND11_MODULE(_C, m) {
          const Opt& prefix_k, const Opt& prefix_v, const TensorView& out, const TensorView& lse,
          const TensorView& counts, const TensorView& indices, int64_t block, double scale,
          const TensorView& dq, const TensorView& dk, const TensorView& dv, const Opt& dprefix_k,
-         const Opt& dprefix_v) {
+         const Opt& dprefix_v, const Opt& ws_delta, const Opt& ws_q_counts,
+         const Opt& ws_q_indices) {
         AttentionBackwardArgs a;
         a.dout = dout; a.q = q; a.k = k; a.v = v;
         a.prefix_k = value(prefix_k); a.prefix_v = value(prefix_v);
         a.out = out; a.lse = lse; a.layout = BlockLayout{counts, indices, block};
         a.scale = scale; a.dq = dq; a.dk = dk; a.dv = dv;
         a.dprefix_k = value(dprefix_k); a.dprefix_v = value(dprefix_v);
+        a.ws_delta = value(ws_delta); a.ws_q_counts = value(ws_q_counts);
+        a.ws_q_indices = value(ws_q_indices);
         attention_backward(a);
       },
       py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_cuda_supports", [](int dtype, int64_t head_dim, int64_t block) {
+    return attention_cuda_supports(static_cast<DType>(dtype), head_dim, block);
+  });
 
   m.def("atom_name", [](int kind, int64_t param) {
     return atom_name(Atom{static_cast<AtomKind>(kind), param});

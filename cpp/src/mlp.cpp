@@ -7,8 +7,9 @@ namespace long_exposure {
 
 namespace {
 
-bool is_float_dtype(DType dtype) {
-  return dtype == DType::kFloat32 || dtype == DType::kFloat64 || dtype == DType::kBFloat16;
+bool is_float_dtype(DType dtype, DeviceKind device) {
+  return dtype == DType::kFloat32 || dtype == DType::kFloat64 || dtype == DType::kBFloat16 ||
+         (dtype == DType::kFloat16 && device == DeviceKind::kCUDA);
 }
 
 // Every float argument shares x's dtype and device, and is contiguous.
@@ -27,8 +28,8 @@ MlpDims check_common(const TensorView& x, const TensorView& w1, const TensorView
                      const MlpMask& mask, const TensorView& lora1_u, const TensorView& lora1_b,
                      const TensorView& lora2_a) {
   require(x.defined() && x.ndim == 2, "x must have shape [tokens, d_model]");
-  require(is_float_dtype(x.dtype), std::string("x has dtype ") + dtype_name(x.dtype) +
-                                       ", expected float32, float64 or bfloat16");
+  require(is_float_dtype(x.dtype, x.device), std::string("x has dtype ") + dtype_name(x.dtype) +
+                                                 ", expected float32, float64 or bfloat16 (or float16 on CUDA)");
   MlpDims dims{x.size(0), x.size(1), 0, 0, 0};
   require(w1.defined() && w1.ndim == 2, "w1 (fc1 weight) must have shape [d_ffn, d_model]");
   dims.neurons = w1.size(0);
@@ -105,6 +106,15 @@ void check_mlp_backward_args(const MlpBackwardArgs& a) {
     require_shape(a.dlora2_a, "dlora2_a", {dims.r2, dims.neurons});
     require_like(a.dlora2_a, "dlora2_a", a.x);
   }
+  if (a.dh_workspace.defined()) {
+    require_shape(a.dh_workspace, "dh_workspace", {dims.tokens, dims.neurons});
+    require_like(a.dh_workspace, "dh_workspace", a.x);
+  }
+  if (a.sum_workspace.defined()) {
+    require_shape(a.sum_workspace, "sum_workspace", {dims.neurons + dims.model});
+    require_dtype(a.sum_workspace, "sum_workspace", DType::kFloat32);
+    require_same_device(a.sum_workspace, "sum_workspace", a.x);
+  }
 }
 
 void mlp_forward(const MlpForwardArgs& args) {
@@ -113,7 +123,7 @@ void mlp_forward(const MlpForwardArgs& args) {
     check_mlp_mask_contents(args.mask, ceil_div(args.w1.size(0), args.mask.block_n));
     mlp_forward_cpu(args);
   } else {
-    throw std::runtime_error("mlp_forward has no CUDA kernel in this build; move the inputs to the CPU");
+    mlp_forward_cuda(args);
   }
 }
 
@@ -123,7 +133,7 @@ void mlp_backward(const MlpBackwardArgs& args) {
     check_mlp_mask_contents(args.mask, ceil_div(args.w1.size(0), args.mask.block_n));
     mlp_backward_cpu(args);
   } else {
-    throw std::runtime_error("mlp_backward has no CUDA kernel in this build; move the inputs to the CPU");
+    mlp_backward_cuda(args);
   }
 }
 

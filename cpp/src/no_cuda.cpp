@@ -2,7 +2,9 @@
 // say why they cannot run.
 #include <stdexcept>
 
+#include "long_exposure/attention.h"
 #include "long_exposure/masks.h"
+#include "long_exposure/mlp.h"
 #include "long_exposure/pattern_pool.h"
 #include "long_exposure/predictors.h"
 
@@ -27,8 +29,18 @@ void combine_patterns_cuda(const TensorView&, const TensorView&, const TensorVie
   no_cuda();
 }
 
+void mlp_forward_cuda(const MlpForwardArgs&) { no_cuda(); }
+
+void mlp_backward_cuda(const MlpBackwardArgs&) { no_cuda(); }
+
 void mlp_predictor_mask_cuda(const MlpPredictorArgs&) { no_cuda(); }
 
 void attention_block_scores_cuda(const AttentionBlockScoresArgs&) { no_cuda(); }
+
+bool attention_cuda_supports(DType, int64_t, int64_t) { return false; }
+
+void attention_forward_cuda(const AttentionForwardArgs&) { no_cuda(); }
+
+void attention_backward_cuda(const AttentionBackwardArgs&) { no_cuda(); }
 
 }  // namespace long_exposure

@@ -31,6 +31,10 @@ struct AttentionBackwardArgs {
   // Outputs; dprefix_k/v are computed when present.
   TensorView dq, dk, dv;
   TensorView dprefix_k, dprefix_v;
+  // Workspaces of the CUDA path, allocated by the caller (the core never allocates device memory;
+  // the CPU path ignores them): rowsum(dout * out) fp32 [B, H, S], and the layout transposed,
+  // counts int32 [Lb, H, n_q] and indices int32 [Lb, H, n_q, n_q].
+  TensorView ws_delta, ws_q_counts, ws_q_indices;
 };
 
 void attention_forward(const AttentionForwardArgs& args);
@@ -38,6 +42,13 @@ void attention_backward(const AttentionBackwardArgs& args);
 
 void attention_forward_cpu(const AttentionForwardArgs& args);
 void attention_backward_cpu(const AttentionBackwardArgs& args);
+
+// CUDA kernels for bf16/fp16, head dims 64, 80 and 128, blocks 64 and 128 (attention_cuda_supports
+// says whether a call qualifies); the views must be 16-byte aligned with strides in multiples of
+// 8 elements. Launched on q's stream with no host synchronisation.
+bool attention_cuda_supports(DType dtype, int64_t head_dim, int64_t block);
+void attention_forward_cuda(const AttentionForwardArgs& args);
+void attention_backward_cuda(const AttentionBackwardArgs& args);
 
 void check_attention_forward_args(const AttentionForwardArgs& args);
 void check_attention_backward_args(const AttentionBackwardArgs& args);

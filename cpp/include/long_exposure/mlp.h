@@ -7,7 +7,8 @@
 //        is computed outside and lora1_b = B1 [F, r1];
 //   fc2: the op returns lora2_v = h @ lora2_a^T [T, r2] with lora2_a = A2 [r2, F], and the caller
 //        adds scale * lora2_v @ B2^T to y.
-// All float tensors share one dtype (fp32, fp64 or bf16); accumulation is in fp32 (fp64 for fp64).
+// All float tensors share one dtype (fp32, fp64 or bf16; bf16 or fp16 on CUDA, which has only the
+// tensor-core kernels); accumulation is in fp32 (fp64 for fp64).
 #pragma once
 
 #include "long_exposure/masks.h"
@@ -26,7 +27,8 @@ struct MlpForwardArgs {
   TensorView lora2_a;  // [r2, F], optional
   // Outputs, written in full by the op.
   TensorView y;        // [T, d]
-  TensorView h;        // [T, F]: relu(pre-activation) on active blocks, zero elsewhere
+  TensorView h;        // [T, F]: relu(pre-activation) on active blocks; unspecified elsewhere
+                       // (the CPU writes zeros, CUDA leaves it alone unless lora2_a needs zeros)
   TensorView lora2_v;  // [T, r2], present exactly when lora2_a is
 };
 
@@ -43,6 +45,9 @@ struct MlpBackwardArgs {
   TensorView dlora1_u;  // [T, r1]
   TensorView dlora1_b;  // [F, r1]
   TensorView dlora2_a;  // [r2, F]
+  // Scratch the CUDA kernels need (the core never allocates); the CPU ignores them.
+  TensorView dh_workspace;   // [T, F], x's dtype
+  TensorView sum_workspace;  // [F + d] fp32
 };
 
 void mlp_forward(const MlpForwardArgs& args);
@@ -51,6 +56,10 @@ void mlp_backward(const MlpBackwardArgs& args);
 // Per-device implementations behind the dispatchers above. Arguments are already checked.
 void mlp_forward_cpu(const MlpForwardArgs& args);
 void mlp_backward_cpu(const MlpBackwardArgs& args);
+// CUDA (cuda/neuron_block_mlp*.cu): tile_m and block_n multiples of 64, d_model, d_ffn and the LoRA
+// ranks multiples of 8, 16-byte-aligned tensors; runs on the output's stream without host sync.
+void mlp_forward_cuda(const MlpForwardArgs& args);
+void mlp_backward_cuda(const MlpBackwardArgs& args);
 
 // Shape/dtype/device contract of the arguments; throws ContractError naming the argument.
 void check_mlp_forward_args(const MlpForwardArgs& args);

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import _C
-from .._views import check_float, check_index, check_shape, view
+from .._views import _DTYPE_CODES, check_float, check_index, check_shape, view
 from ..formats import BlockLayout
 from .. import reference
 from .mlp import _uses_reference
@@ -16,8 +16,8 @@ from .mlp import _uses_reference
 def _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale):
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError("q must be a [batch, heads, seq, head_dim] tensor")
-    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        raise TypeError(f"q has dtype {q.dtype}, expected float32, float64 or bfloat16")
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16) and not (q.is_cuda and q.dtype == torch.float16):
+        raise TypeError(f"q has dtype {q.dtype}, expected float32, float64 or bfloat16 (or float16 on CUDA)")
     B, H, S, D = q.shape
     for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         check_float(t, name, q)
@@ -46,6 +46,23 @@ def _last_dim_contiguous(t):
     return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
 
+def _runs_reference(q, block, op):
+    """True where no kernel takes this call: CUDA kernels cover bf16/fp16, head dims 64, 80, 128 and
+    blocks 64, 128; other CUDA calls run the reference (with the once-only warning)."""
+    if q.is_cuda and _C.attention_cuda_supports(_DTYPE_CODES[q.dtype], q.shape[-1], block):
+        return False
+    return _uses_reference(q.device, op)
+
+
+def _aligned(t):
+    """`t`, copied if needed so rows start on 16 bytes: the CUDA kernels load with 16-byte cp.async."""
+    if t is None or not t.is_cuda:
+        return _last_dim_contiguous(t)
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("long_exposure::attention_forward", mutates_args=())
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
@@ -53,10 +70,10 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, S, D], lse [B, H, S] fp32). See cpp/include/long_exposure/attention.h."""
     B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
-    if _uses_reference(q.device, "attention_forward"):
+    if _runs_reference(q, block, "attention_forward"):
         out, lse = reference.block_sparse_attention(q, k, v, counts, indices, block, scale, prefix_k, prefix_v)
         return out.contiguous(), lse.contiguous()
-    q, k, v, prefix_k, prefix_v = map(_last_dim_contiguous, (q, k, v, prefix_k, prefix_v))
+    q, k, v, prefix_k, prefix_v = map(_aligned, (q, k, v, prefix_k, prefix_v))
     counts, indices = counts.contiguous(), indices.contiguous()
     out = q.new_empty(B, H, S, D)
     lse = q.new_empty(B, H, S, dtype=torch.float32)
@@ -86,23 +103,29 @@ def attention_backward(
     check_float(out, "out", q)
     check_shape(out, "out", (B, H, S, D))
     check_shape(lse, "lse", (B, H, S))
-    if _uses_reference(q.device, "attention_backward"):
+    if _runs_reference(q, block, "attention_backward"):
         dq, dk, dv, dpk, dpv = reference.block_sparse_attention_backward(dout, q, k, v, out, lse, counts, indices,
                                                                          block, scale, prefix_k, prefix_v)
         has = need_dprefix and prefix_k is not None
         return (dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous() if has else q.new_empty(0),
                 dpv.contiguous() if has else q.new_empty(0))
-    dout, q, k, v, prefix_k, prefix_v, out = map(_last_dim_contiguous, (dout, q, k, v, prefix_k, prefix_v, out))
+    dout, q, k, v, prefix_k, prefix_v, out = map(_aligned, (dout, q, k, v, prefix_k, prefix_v, out))
     counts, indices, lse = counts.contiguous(), indices.contiguous(), lse.contiguous()
     need_dprefix = need_dprefix and prefix_k is not None
     dq, dk, dv = (q.new_empty(B, H, S, D) for _ in range(3))
     dpk = q.new_empty(prefix_k.shape) if need_dprefix else q.new_empty(0)
     dpv = q.new_empty(prefix_v.shape) if need_dprefix else q.new_empty(0)
+    workspaces = (None, None, None)
+    if q.is_cuda:  # rowsum(dout * out), and the layout transposed on device (query blocks per key block)
+        Lb, _, n_q = counts.shape
+        workspaces = (q.new_empty(B, H, S, dtype=torch.float32), q.new_empty(Lb, H, n_q, dtype=torch.int32),
+                      q.new_empty(Lb, H, n_q, n_q, dtype=torch.int32))
     _C.attention_backward(
         view(dout, "dout"), view(q, "q"), view(k, "k"), view(v, "v"), view(prefix_k, "prefix_k"),
         view(prefix_v, "prefix_v"), view(out, "out"), view(lse, "lse"), view(counts, "layout counts"),
         view(indices, "layout indices"), block, scale, view(dq, "dq"), view(dk, "dk"), view(dv, "dv"),
         view(dpk, "dprefix_k") if need_dprefix else None, view(dpv, "dprefix_v") if need_dprefix else None,
+        *(view(w, name) for w, name in zip(workspaces, ("ws_delta", "ws_q_counts", "ws_q_indices"))),
     )
     return dq, dk, dv, dpk, dpv
 

@@ -14,8 +14,9 @@ from ..formats import MlpMask
 def _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a):
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("x must be a [tokens, d_model] tensor")
-    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        raise TypeError(f"x has dtype {x.dtype}, expected float32, float64 or bfloat16")
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16) and not (
+            x.dtype == torch.float16 and x.device.type == "cuda"):
+        raise TypeError(f"x has dtype {x.dtype}, expected float32, float64 or bfloat16 (or float16 on CUDA)")
     tokens, d_model = x.shape
     for name, t in (("w1 (fc1 weight)", w1), ("b1 (fc1 bias)", b1), ("w2 (fc2 weight)", w2), ("b2 (fc2 bias)", b2),
                     ("lora1_u", lora1_u), ("lora1_b", lora1_b), ("lora2_a", lora2_a)):
@@ -41,19 +42,55 @@ def _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b
     return tokens, d_model, d_ffn
 
 
-_WARNED: set[str] = set()
+_WARNED: set[tuple[str, str]] = set()
 
 
-def _uses_reference(device: torch.device, op: str) -> bool:
-    """True where this version has no kernel for the device: the op then runs its pure-PyTorch
-    reference (exact, as fast and as memory-hungry as dense PyTorch), and says so once."""
-    if device.type == "cpu":
+def _cuda_kernel_gap(x: torch.Tensor, tile_m: int, block_n: int, d_ffn: int) -> str | None:
+    """Why the tensor-core kernels cannot take this call, or None when they can (mlp.h's limits;
+    LoRA ranks are padded to them here)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"{x.dtype} (the kernels take bfloat16 and float16)"
+    if tile_m % 64 or block_n % 64:
+        return f"tile_m={tile_m}, block_n={block_n} (the kernels need multiples of 64)"
+    if x.shape[1] % 8 or d_ffn % 8:
+        return f"d_model={x.shape[1]}, d_ffn={d_ffn} (the kernels need multiples of 8)"
+    return None
+
+
+def _uses_reference(device: torch.device, op: str, gap: str | None = "this version") -> bool:
+    """True where no kernel of this version takes the call (`gap` says why; None means one does):
+    the op then runs its pure-PyTorch reference (exact, as fast and as memory-hungry as dense
+    PyTorch), and says so once per reason."""
+    if device.type == "cpu" or gap is None:
         return False
-    if op not in _WARNED:
-        _WARNED.add(op)
-        warnings.warn(f"long_exposure::{op} has no {device.type.upper()} kernel in this version; running the "
+    if (op, gap) not in _WARNED:
+        _WARNED.add((op, gap))
+        warnings.warn(f"long_exposure::{op} has no {device.type.upper()} kernel for {gap}; running the "
                       "PyTorch reference (correct, not faster than dense)", RuntimeWarning, stacklevel=3)
     return True
+
+
+def _mlp_uses_reference(x: torch.Tensor, op: str, tile_m: int, block_n: int, d_ffn: int) -> bool:
+    if x.device.type == "cpu":
+        return False
+    gap = _cuda_kernel_gap(x, tile_m, block_n, d_ffn) if x.device.type == "cuda" else f"device {x.device.type}"
+    return _uses_reference(x.device, op, gap)
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t contiguous and starting on a 16-byte boundary, as the kernels' 16-byte copies need."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.device.type != "cuda" or t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _pad_rank(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """Zero-pads a LoRA factor's rank dimension to a multiple of 8 (zeros add nothing)."""
+    if t is None or t.shape[dim] % 8 == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, 8 - t.shape[dim] % 8]
+    return torch.nn.functional.pad(t, pad)
 
 
 @torch.library.custom_op("long_exposure::mlp_forward", mutates_args=())
@@ -64,11 +101,14 @@ def mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, lora2_v); lora2_v is [tokens, 0] without lora2_a. See cpp/include/long_exposure/mlp.h."""
     tokens, d_model, d_ffn = _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
-    if _uses_reference(x.device, "mlp_forward"):
+    if _mlp_uses_reference(x, "mlp_forward", tile_m, block_n, d_ffn):
         y, h, lora2_v = reference.neuron_block_mlp(x, w1, b1, w2, b2, counts, indices, tile_m, block_n,
                                                    lora1_u, lora1_b, lora2_a)
         return y.contiguous(), h.contiguous(), lora2_v.clone()
-    args = [t.contiguous() if t is not None else None for t in (x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a)]
+    r2 = 0 if lora2_a is None else lora2_a.shape[0]
+    if x.device.type == "cuda":
+        lora1_u, lora1_b, lora2_a = _pad_rank(lora1_u, 1), _pad_rank(lora1_b, 1), _pad_rank(lora2_a, 0)
+    args = [_aligned(t) for t in (x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a)]
     x, w1, b1, w2, b2, counts, indices, lora1_u, lora1_b, lora2_a = args
     y = x.new_empty(tokens, d_model)
     h = x.new_empty(tokens, d_ffn)
@@ -79,7 +119,7 @@ def mlp_forward(
         view(lora1_u, "lora1_u"), view(lora1_b, "lora1_b"), view(lora2_a, "lora2_a"),
         view(y, "y"), view(h, "h"), view(lora2_v, "lora2_v") if lora2_a is not None else None,
     )
-    return y, h, lora2_v
+    return y, h, (lora2_v if lora2_v.shape[1] == r2 else lora2_v[:, :r2].contiguous())
 
 
 @mlp_forward.register_fake
@@ -102,16 +142,22 @@ def mlp_backward(
     check_shape(dy, "dy", (tokens, d_model))
     check_float(h, "h", x)
     check_shape(h, "h", (tokens, d_ffn))
-    if _uses_reference(x.device, "mlp_backward"):
+    if _mlp_uses_reference(x, "mlp_backward", tile_m, block_n, d_ffn):
         grads = reference.neuron_block_mlp_backward(dy, dlora2_v if lora2_a is not None else None, x, w1, w2, h,
                                                     counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
         wanted = (True, need_db1, need_db2, need_dlora1 and lora1_u is not None, need_dlora1 and lora1_u is not None,
                   need_dlora2_a and lora2_a is not None)
         return tuple(g.contiguous() if w and g is not None else x.new_empty(0) for g, w in zip(grads, wanted))
-    args = [t.contiguous() if t is not None else None for t in (dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)]
-    dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
     if dlora2_v is not None and dlora2_v.shape[1] == 0:
         dlora2_v = None
+    r1 = 0 if lora1_u is None else lora1_u.shape[1]
+    r2 = 0 if lora2_a is None else lora2_a.shape[0]
+    on_cuda = x.device.type == "cuda"
+    if on_cuda:
+        lora1_u, lora1_b = _pad_rank(lora1_u, 1), _pad_rank(lora1_b, 1)
+        lora2_a, dlora2_v = _pad_rank(lora2_a, 0), _pad_rank(dlora2_v, 1)
+    args = [_aligned(t) for t in (dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)]
+    dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
     # Outputs may not alias each other, so each gradient not asked for is its own empty tensor.
     def empty():
         return x.new_empty(0)
@@ -127,6 +173,9 @@ def mlp_backward(
     if need_dlora2_a and dlora2_v is None:
         dlora2_a.zero_()
         need_dlora2_a = False
+    # The kernels' scratch: dH for the whole batch, and fp32 sums for the bias gradients.
+    dh_workspace = x.new_empty(tokens, d_ffn) if on_cuda else None
+    sum_workspace = x.new_empty(d_ffn + d_model, dtype=torch.float32) if on_cuda else None
     _C.mlp_backward(
         view(dy, "dy"), view(dlora2_v, "dlora2_v"), view(x, "x"), view(w1, "w1"), view(w2, "w2"), view(h, "h"),
         view(counts, "mask counts"), view(indices, "mask indices"), tile_m, block_n,
@@ -134,7 +183,12 @@ def mlp_backward(
         view(dx, "dx"), view(db1, "db1") if need_db1 else None, view(db2, "db2") if need_db2 else None,
         view(dlora1_u, "dlora1_u") if need_dlora1 else None, view(dlora1_b, "dlora1_b") if need_dlora1 else None,
         view(dlora2_a, "dlora2_a") if need_dlora2_a else None,
+        view(dh_workspace, "dh_workspace"), view(sum_workspace, "sum_workspace"),
     )
+    if need_dlora1 and r1 != lora1_u.shape[1]:
+        dlora1_u, dlora1_b = dlora1_u[:, :r1].contiguous(), dlora1_b[:, :r1].contiguous()
+    if dlora2_a.shape[0] != r2 and dlora2_a.numel():
+        dlora2_a = dlora2_a[:r2].contiguous()
     return dx, db1, db2, dlora1_u, dlora1_b, dlora2_a
 
 

@@ -1,0 +1,845 @@
+// Flash-attention-2 style kernels of block-sparse causal attention (contract: attention.h).
+//
+// Every kernel walks a list of tiles that it compacts in shared memory first, so a CUDA step never
+// asks the host what a layout holds. Warps own 16 rows each and keep their accumulators in the
+// mma.sync m16n8k16 register layout; shared tiles are row-major with rows padded by 16 bytes, which
+// keeps ldmatrix free of bank conflicts for every supported head dimension (80 included, which an
+// XOR swizzle of 8 chunks cannot cover). Tiles arrive by cp.async into two stages, the next tile
+// loading while the current one is computed.
+//
+// The kernels are instantiated per (dtype, head dim) in block_sparse_attention_{fwd,bwd}_*.cu; the
+// launchers in block_sparse_attention.cu choose among them.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "block_sparse_attention_launch.cuh"
+#include "cuda_check.cuh"
+
+namespace long_exposure {
+namespace attention_cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- the few PTX instructions the kernels are built from -------------------------------------
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(p)));
+}
+
+// A zero-sized source makes cp.async fill the 16 bytes with zeros: rows past the end of a ragged
+// sequence or prefix become zeros, which no mask then has to keep away from the products.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---- tiles and warp-level products ----------------------------------------------------------
+
+// One [batch, heads, rows, D] operand, strides in elements (the last is 1).
+struct Operand {
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, ss = 0;
+  template <typename T>
+  __device__ const T* plane(int b, int h) const {
+    return static_cast<const T*>(data) + b * sb + h * sh;
+  }
+};
+
+struct Output {
+  void* data = nullptr;
+  int64_t sb = 0, sh = 0, ss = 0;
+  template <typename T>
+  __device__ T* plane(int b, int h) const {
+    return static_cast<T*>(data) + b * sb + h * sh;
+  }
+};
+
+// Issues the copies of rows [row0, row0 + ROWS) of one plane into a padded shared tile; rows at
+// or past `limit` are zero-filled (and their source clamped to the plane's start, a valid address).
+template <typename T, int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_rows(T* tile, const T* plane, int64_t stride, int row0,
+                                          int limit) {
+  constexpr int kChunks = D / 8, kLds = D + 8;
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
+    const int r = c / kChunks, k = c % kChunks;
+    const bool valid = row0 + r < limit;
+    const T* src = plane + (valid ? static_cast<int64_t>(row0 + r) * stride + k * 8 : 0);
+    cp_async16(tile + r * kLds + k * 8, src, valid);
+  }
+}
+
+// The A fragments (16 rows x K) of rows [0, 16) of a padded shared tile.
+template <typename T, int K, int LDS>
+__device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* tile) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int ks = 0; ks < K / 16; ++ks) ldsm_x4(a[ks], tile + (lane & 15) * LDS + ks * 16 + (lane >> 4) * 8);
+}
+
+// acc[16 x N] += A[16 x K] * B^T, with B's N rows of K contiguous elements in shared memory.
+template <typename T, int K, int N, int LDS>
+__device__ __forceinline__ void gemm_abt(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                         const T* b_tile) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int ks = 0; ks < K / 16; ++ks) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, b_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
+                     ((lane >> 3) & 1) * 8);
+      Mma<T>::run(acc[2 * np], a[ks], b[0], b[1]);
+      Mma<T>::run(acc[2 * np + 1], a[ks], b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x N] += A[16 x K] * B^T with A read from shared memory one k-step at a time, for the
+// backward pass, where holding all of A in registers would push the accumulators into spills.
+template <typename T, int K, int N, int LDS>
+__device__ __forceinline__ void gemm_abt_shared(float (&acc)[N / 8][4], const T* a_tile,
+                                                const T* b_tile) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int ks = 0; ks < K / 16; ++ks) {
+    uint32_t a[4];
+    ldsm_x4(a, a_tile + (lane & 15) * LDS + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, b_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
+                     ((lane >> 3) & 1) * 8);
+      Mma<T>::run(acc[2 * np], a, b[0], b[1]);
+      Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x N] += A[16 x K] * B, with B's K rows of N contiguous elements in shared memory.
+template <typename T, int K, int N, int LDS>
+__device__ __forceinline__ void gemm_ab(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4],
+                                        const T* b_tile) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int ks = 0; ks < K / 16; ++ks) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, b_tile + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + np * 16 +
+                           (lane >> 4) * 8);
+      Mma<T>::run(acc[2 * np], a[ks], b[0], b[1]);
+      Mma<T>::run(acc[2 * np + 1], a[ks], b[2], b[3]);
+    }
+  }
+}
+
+// An accumulator [16 x N] rounded to the input type, as the A fragments of the next product.
+template <typename T, int N>
+__device__ __forceinline__ void to_a(uint32_t (&a)[N / 16][4], const float (&acc)[N / 8][4]) {
+#pragma unroll
+  for (int t = 0; t < N / 16; ++t) {
+    a[t][0] = Mma<T>::pack(acc[2 * t][0], acc[2 * t][1]);
+    a[t][1] = Mma<T>::pack(acc[2 * t][2], acc[2 * t][3]);
+    a[t][2] = Mma<T>::pack(acc[2 * t + 1][0], acc[2 * t + 1][1]);
+    a[t][3] = Mma<T>::pack(acc[2 * t + 1][2], acc[2 * t + 1][3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Writes a warp's [16 x D] accumulator (times `factor`, per accumulator row half) to rows
+// [row0, row0 + 16) of a plane, rows at or past `limit` left alone. The rows pass through the
+// warp's own 16 rows of a shared tile so that global stores are 16-byte and coalesced.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor_lo,
+                                           float factor_hi, T* staging, T* plane, int64_t stride,
+                                           int row0, int limit) {
+  constexpr int kLds = D + 8, kChunks = D / 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = (lane & 3) * 2;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    *reinterpret_cast<uint32_t*>(staging + g * kLds + nt * 8 + c) =
+        Mma<T>::pack(acc[nt][0] * factor_lo, acc[nt][1] * factor_lo);
+    *reinterpret_cast<uint32_t*>(staging + (g + 8) * kLds + nt * 8 + c) =
+        Mma<T>::pack(acc[nt][2] * factor_hi, acc[nt][3] * factor_hi);
+  }
+  __syncwarp();
+  for (int i = lane; i < 16 * kChunks; i += 32) {
+    const int r = i / kChunks, k = i % kChunks;
+    if (row0 + r < limit)
+      *reinterpret_cast<uint4*>(plane + static_cast<int64_t>(row0 + r) * stride + k * 8) =
+          *reinterpret_cast<const uint4*>(staging + r * kLds + k * 8);
+  }
+}
+
+// Copies the entries of a block list that lie in [lo, hi] into shared memory (warp 0, in list
+// order) and returns how many there are to every thread. Entries outside the range hold no
+// visible key (causality) or are not valid block numbers; a count beyond the capacity is clamped.
+__device__ __forceinline__ int compact_list(int* out, int* out_count, const int32_t* list,
+                                            int count, int capacity, int lo, int hi) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    count = min(max(count, 0), capacity);
+    int n = 0;
+    for (int s = 0; s < count; s += 32) {
+      const int v = s + lane < count ? list[s + lane] : -1;
+      const bool keep = s + lane < count && v >= lo && v <= hi;
+      const unsigned mask = __ballot_sync(0xffffffffu, keep);
+      if (keep) out[n + __popc(mask & ((1u << lane) - 1u))] = v;
+      n += __popc(mask);
+    }
+    if (lane == 0) *out_count = n;
+  }
+  __syncthreads();
+  return *out_count;
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+struct ForwardParams {
+  Operand q, k, v, pk, pv;
+  Output out;
+  float* lse;  // [B, H, S]
+  const int32_t* counts;
+  const int32_t* indices;
+  int heads, seq, prefix, n_q, capacity;
+  bool shared_layout;
+  float scale_log2;  // softmax scale times log2(e): the kernels exponentiate with exp2
+};
+
+template <int D, int BLK>
+struct ForwardShape {
+  static constexpr int kWarps = BLK / 16, kThreads = kWarps * 32, kBk = 64, kLds = D + 8;
+  template <typename T>
+  static size_t smem_bytes(int n_q) {
+    return (BLK + 4 * kBk) * kLds * sizeof(T) + (n_q + 4) * sizeof(int);
+  }
+};
+
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
+  using Shape = ForwardShape<D, BLK>;
+  constexpr int kBk = Shape::kBk, kLds = Shape::kLds, kThreads = Shape::kThreads;
+  constexpr int kPerBlock = BLK / kBk;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);
+  T* s_k = s_q + BLK * kLds;
+  T* s_v = s_k + 2 * kBk * kLds;
+  int* s_list = reinterpret_cast<int*>(s_v + 2 * kBk * kLds);
+  int* s_count = s_list + p.n_q;
+
+  // The last query blocks see the most keys; starting them first evens out the tail.
+  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
+  const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
+                                  p.capacity, 0, qb);
+  const int n_prefix_tiles = (p.prefix + kBk - 1) / kBk;
+  const int n_tiles = n_prefix_tiles + n_list * kPerBlock;
+
+  const T* q = p.q.plane<T>(b, h);
+  const T* k = p.k.plane<T>(b, h);
+  const T* v = p.v.plane<T>(b, h);
+  const T* pk = p.pk.data ? p.pk.plane<T>(b, h) : nullptr;
+  const T* pv = p.pv.data ? p.pv.plane<T>(b, h) : nullptr;
+
+  // Tile t: the prefix tiles, then kPerBlock tiles of each listed key block.
+  auto issue = [&](int t) {
+    T* dk = s_k + (t & 1) * kBk * kLds;
+    T* dv = s_v + (t & 1) * kBk * kLds;
+    if (t < n_prefix_tiles) {
+      load_rows<T, kBk, D, kThreads>(dk, pk, p.pk.ss, t * kBk, p.prefix);
+      load_rows<T, kBk, D, kThreads>(dv, pv, p.pv.ss, t * kBk, p.prefix);
+    } else {
+      const int u = t - n_prefix_tiles;
+      const int key0 = s_list[u / kPerBlock] * BLK + (u % kPerBlock) * kBk;
+      load_rows<T, kBk, D, kThreads>(dk, k, p.k.ss, key0, p.seq);
+      load_rows<T, kBk, D, kThreads>(dv, v, p.v.ss, key0, p.seq);
+    }
+  };
+
+  load_rows<T, BLK, D, kThreads>(s_q, q, p.q.ss, qb * BLK, p.seq);
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+
+  const int g = lane >> 2, c = (lane & 3) * 2;
+  const int i_lo = qb * BLK + warp * 16 + g, i_hi = i_lo + 8;  // this thread's two query rows
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  float o[D / 8][4];
+  zero(o);
+  uint32_t qf[D / 16][4];
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) issue(t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == 0) load_a<T, D, kLds>(qf, s_q + warp * 16 * kLds);
+
+    float s[kBk / 8][4];
+    zero(s);
+    gemm_abt<T, D, kBk, kLds>(s, qf, s_k + (t & 1) * kBk * kLds);
+
+    // Mask: prefix keys past the prefix length; causality inside the diagonal block.
+    int key0, limit_lo, limit_hi;
+    if (t < n_prefix_tiles) {
+      key0 = t * kBk;
+      limit_lo = limit_hi = p.prefix - 1;
+    } else {
+      const int u = t - n_prefix_tiles, kb = s_list[u / kPerBlock];
+      key0 = kb * BLK + (u % kPerBlock) * kBk;
+      limit_lo = kb == qb ? i_lo : 0x7fffffff;
+      limit_hi = kb == qb ? i_hi : 0x7fffffff;
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kBk / 8; ++nt) {
+      const int j = key0 + nt * 8 + c;
+      s[nt][0] = j <= limit_lo ? s[nt][0] * p.scale_log2 : -INFINITY;
+      s[nt][1] = j + 1 <= limit_lo ? s[nt][1] * p.scale_log2 : -INFINITY;
+      s[nt][2] = j <= limit_hi ? s[nt][2] * p.scale_log2 : -INFINITY;
+      s[nt][3] = j + 1 <= limit_hi ? s[nt][3] * p.scale_log2 : -INFINITY;
+      mx_lo = fmaxf(mx_lo, fmaxf(s[nt][0], s[nt][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int o_ = 1; o_ <= 2; o_ <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o_));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o_));
+    }
+    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+    // A row with no visible key so far keeps m = -inf; subtracting 0 then keeps exp2 at 0, not NaN.
+    const float base_lo = new_lo == -INFINITY ? 0.f : new_lo;
+    const float base_hi = new_hi == -INFINITY ? 0.f : new_hi;
+    const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kBk / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - base_lo);
+      s[nt][1] = exp2f(s[nt][1] - base_lo);
+      s[nt][2] = exp2f(s[nt][2] - base_hi);
+      s[nt][3] = exp2f(s[nt][3] - base_hi);
+      sum_lo += s[nt][0] + s[nt][1];
+      sum_hi += s[nt][2] + s[nt][3];
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      o[nt][0] *= alpha_lo;
+      o[nt][1] *= alpha_lo;
+      o[nt][2] *= alpha_hi;
+      o[nt][3] *= alpha_hi;
+    }
+    uint32_t pf[kBk / 16][4];
+    to_a<T, kBk>(pf, s);
+    gemm_ab<T, kBk, D, kLds>(o, pf, s_v + (t & 1) * kBk * kLds);
+    __syncthreads();  // the stage just read is the one the next iteration refills
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // Q must have landed before the staging below overwrites it (empty lists)
+
+#pragma unroll
+  for (int o_ = 1; o_ <= 2; o_ <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, o_);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, o_);
+  }
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  if ((lane & 3) == 0) {
+    if (i_lo < p.seq) lse[i_lo] = l_lo > 0.f ? (m_lo + log2f(l_lo)) * kLn2 : -INFINITY;
+    if (i_hi < p.seq) lse[i_hi] = l_hi > 0.f ? (m_hi + log2f(l_hi)) * kLn2 : -INFINITY;
+  }
+  store_rows<T, D>(o, l_lo > 0.f ? 1.f / l_lo : 0.f, l_hi > 0.f ? 1.f / l_hi : 0.f,
+                   s_q + warp * 16 * kLds, p.out.plane<T>(b, h), p.out.ss, qb * BLK + warp * 16,
+                   p.seq);
+}
+
+template <typename T, int D, int BLK>
+void launch_forward(const AttentionForwardArgs& a) {
+  using Shape = ForwardShape<D, BLK>;
+  ForwardParams p;
+  auto operand = [](const TensorView& t) {
+    Operand o;
+    if (t.defined()) o = Operand{t.data, t.stride(0), t.stride(1), t.stride(2)};
+    return o;
+  };
+  p.q = operand(a.q);
+  p.k = operand(a.k);
+  p.v = operand(a.v);
+  p.pk = operand(a.prefix_k);
+  p.pv = operand(a.prefix_v);
+  p.out = Output{a.out.data, a.out.stride(0), a.out.stride(1), a.out.stride(2)};
+  p.lse = a.lse.ptr<float>();
+  p.counts = a.layout.counts.ptr<const int32_t>();
+  p.indices = a.layout.indices.ptr<const int32_t>();
+  p.heads = static_cast<int>(a.q.size(1));
+  p.seq = static_cast<int>(a.q.size(2));
+  p.prefix = a.prefix_k.defined() ? static_cast<int>(a.prefix_k.size(2)) : 0;
+  if (p.prefix == 0) p.pk = p.pv = Operand{};
+  p.n_q = static_cast<int>(a.layout.rows());
+  p.capacity = static_cast<int>(a.layout.capacity());
+  p.shared_layout = a.layout.batch() == 1;
+  p.scale_log2 = static_cast<float>(a.scale) * kLog2e;
+
+  const size_t smem = Shape::template smem_bytes<T>(p.n_q);
+  auto kernel = forward_kernel<T, D, BLK>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem)),
+             "attention forward shared memory");
+  const dim3 grid(p.n_q, p.heads, static_cast<unsigned>(a.q.size(0)));
+  kernel<<<grid, Shape::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  check_cuda(cudaGetLastError(), "attention forward kernel launch");
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+struct BackwardParams {
+  Operand q, k, v, pk, pv, dout;
+  Output dq, dk, dv, dpk, dpv;
+  const float* lse;    // [B, H, S]
+  const float* delta;  // [B, H, S], rowsum(dout * out)
+  const int32_t* counts;     // the layout (kv blocks per query block), for dQ
+  const int32_t* indices;
+  const int32_t* t_counts;   // the layout transposed (query blocks per key block), for dK/dV
+  const int32_t* t_indices;
+  int heads, seq, prefix, n_q, capacity, t_capacity;
+  bool shared_layout, want_prefix;
+  float scale, scale_log2;
+};
+
+// rowsum(dout * out) in fp32, one warp per query row.
+template <typename T, int D>
+__global__ void delta_kernel(Operand dout, Operand out, float* delta, int heads, int seq,
+                             int64_t rows) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int i = static_cast<int>(r % seq), h = static_cast<int>((r / seq) % heads);
+  const int b = static_cast<int>(r / (static_cast<int64_t>(seq) * heads));
+  const T* x = dout.plane<T>(b, h) + i * dout.ss;
+  const T* y = out.plane<T>(b, h) + i * out.ss;
+  float sum = 0.f;
+  for (int d = lane * 2; d < D; d += 64) {
+    sum += static_cast<float>(x[d]) * static_cast<float>(y[d]) +
+           static_cast<float>(x[d + 1]) * static_cast<float>(y[d + 1]);
+  }
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) delta[r] = sum;
+}
+
+// The logsumexp as the backward kernels use it: log2 units, and +inf for rows that attend
+// nothing or lie past the sequence, which turns every probability of the row into exactly 0.
+__device__ __forceinline__ float backward_lse(const float* lse, int i, int seq) {
+  if (i >= seq) return INFINITY;
+  const float x = lse[i];
+  return x == -INFINITY ? INFINITY : x * kLog2e;
+}
+
+template <int D, int BLK>
+struct DqShape {
+  static constexpr int kWarps = BLK / 16, kThreads = kWarps * 32, kLds = D + 8;
+  static constexpr int kBk = D > 64 ? 32 : 64;
+  template <typename T>
+  static size_t smem_bytes(int n_q) {
+    return (2 * BLK + 4 * kBk) * kLds * sizeof(T) + (n_q + 4) * sizeof(int);
+  }
+};
+
+// dQ of one query block: the forward's walk over its keys, recomputing P from the saved lse.
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
+  using Shape = DqShape<D, BLK>;
+  constexpr int kBk = Shape::kBk, kLds = Shape::kLds, kThreads = Shape::kThreads;
+  constexpr int kPerBlock = BLK / kBk;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);
+  T* s_do = s_q + BLK * kLds;
+  T* s_k = s_do + BLK * kLds;
+  T* s_v = s_k + 2 * kBk * kLds;
+  int* s_list = reinterpret_cast<int*>(s_v + 2 * kBk * kLds);
+  int* s_count = s_list + p.n_q;
+
+  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
+  const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
+                                  p.capacity, 0, qb);
+  const int n_prefix_tiles = (p.prefix + kBk - 1) / kBk;
+  const int n_tiles = n_prefix_tiles + n_list * kPerBlock;
+
+  const T* k = p.k.plane<T>(b, h);
+  const T* v = p.v.plane<T>(b, h);
+  const T* pk = p.pk.data ? p.pk.plane<T>(b, h) : nullptr;
+  const T* pv = p.pv.data ? p.pv.plane<T>(b, h) : nullptr;
+  auto issue = [&](int t) {
+    T* dk = s_k + (t & 1) * kBk * kLds;
+    T* dv = s_v + (t & 1) * kBk * kLds;
+    if (t < n_prefix_tiles) {
+      load_rows<T, kBk, D, kThreads>(dk, pk, p.pk.ss, t * kBk, p.prefix);
+      load_rows<T, kBk, D, kThreads>(dv, pv, p.pv.ss, t * kBk, p.prefix);
+    } else {
+      const int u = t - n_prefix_tiles;
+      const int key0 = s_list[u / kPerBlock] * BLK + (u % kPerBlock) * kBk;
+      load_rows<T, kBk, D, kThreads>(dk, k, p.k.ss, key0, p.seq);
+      load_rows<T, kBk, D, kThreads>(dv, v, p.v.ss, key0, p.seq);
+    }
+  };
+
+  load_rows<T, BLK, D, kThreads>(s_q, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
+  load_rows<T, BLK, D, kThreads>(s_do, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+
+  const int g = lane >> 2, c = (lane & 3) * 2;
+  const int i_lo = qb * BLK + warp * 16 + g, i_hi = i_lo + 8;
+  const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  const float lse_lo = backward_lse(p.lse + bh, i_lo, p.seq);
+  const float lse_hi = backward_lse(p.lse + bh, i_hi, p.seq);
+  const float delta_lo = i_lo < p.seq ? p.delta[bh + i_lo] : 0.f;
+  const float delta_hi = i_hi < p.seq ? p.delta[bh + i_hi] : 0.f;
+
+  float dq[D / 8][4];
+  zero(dq);
+  uint32_t qf[D / 16][4], dof[D / 16][4];
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) issue(t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == 0) {
+      load_a<T, D, kLds>(qf, s_q + warp * 16 * kLds);
+      load_a<T, D, kLds>(dof, s_do + warp * 16 * kLds);
+    }
+    const T* tk = s_k + (t & 1) * kBk * kLds;
+    const T* tv = s_v + (t & 1) * kBk * kLds;
+
+    float s[kBk / 8][4];
+    zero(s);
+    gemm_abt<T, D, kBk, kLds>(s, qf, tk);
+    int key0, limit_lo, limit_hi;
+    if (t < n_prefix_tiles) {
+      key0 = t * kBk;
+      limit_lo = limit_hi = p.prefix - 1;
+    } else {
+      const int u = t - n_prefix_tiles, kb = s_list[u / kPerBlock];
+      key0 = kb * BLK + (u % kPerBlock) * kBk;
+      limit_lo = kb == qb ? i_lo : 0x7fffffff;
+      limit_hi = kb == qb ? i_hi : 0x7fffffff;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBk / 8; ++nt) {
+      const int j = key0 + nt * 8 + c;
+      s[nt][0] = j <= limit_lo ? exp2f(s[nt][0] * p.scale_log2 - lse_lo) : 0.f;
+      s[nt][1] = j + 1 <= limit_lo ? exp2f(s[nt][1] * p.scale_log2 - lse_lo) : 0.f;
+      s[nt][2] = j <= limit_hi ? exp2f(s[nt][2] * p.scale_log2 - lse_hi) : 0.f;
+      s[nt][3] = j + 1 <= limit_hi ? exp2f(s[nt][3] * p.scale_log2 - lse_hi) : 0.f;
+    }
+    float dp[kBk / 8][4];
+    zero(dp);
+    gemm_abt<T, D, kBk, kLds>(dp, dof, tv);
+#pragma unroll
+    for (int nt = 0; nt < kBk / 8; ++nt) {
+      dp[nt][0] = s[nt][0] * (dp[nt][0] - delta_lo);
+      dp[nt][1] = s[nt][1] * (dp[nt][1] - delta_lo);
+      dp[nt][2] = s[nt][2] * (dp[nt][2] - delta_hi);
+      dp[nt][3] = s[nt][3] * (dp[nt][3] - delta_hi);
+    }
+    uint32_t dsf[kBk / 16][4];
+    to_a<T, kBk>(dsf, dp);
+    gemm_ab<T, kBk, D, kLds>(dq, dsf, tk);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  store_rows<T, D>(dq, p.scale, p.scale, s_q + warp * 16 * kLds, p.dq.plane<T>(b, h), p.dq.ss,
+                   qb * BLK + warp * 16, p.seq);
+}
+
+template <int D, int BLK>
+struct DkvShape {
+  static constexpr int kWarps = BLK / 16, kThreads = kWarps * 32, kLds = D + 8;
+  static constexpr int kBq = D > 64 ? 32 : 64;
+  template <typename T>
+  static size_t smem_bytes(int n_q) {
+    return (2 * BLK + 4 * kBq) * kLds * sizeof(T) + 4 * kBq * sizeof(float) +
+           (n_q + 4) * sizeof(int);
+  }
+};
+
+// dK and dV of one key tile: BLK keys of the sequence (a key block) or of the prefix. Warps own
+// 16 keys each and compute the transposed products (keys as rows), so each warp's dK/dV rows are
+// its own and need no reduction. Query tiles come from the transposed layout (every query block
+// for prefix keys).
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(BLK * 2) dkv_kernel(BackwardParams p) {
+  using Shape = DkvShape<D, BLK>;
+  constexpr int kBq = Shape::kBq, kLds = Shape::kLds, kThreads = Shape::kThreads;
+  constexpr int kPerBlock = BLK / kBq;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_k = reinterpret_cast<T*>(smem);
+  T* s_v = s_k + BLK * kLds;
+  T* s_q = s_v + BLK * kLds;
+  T* s_do = s_q + 2 * kBq * kLds;
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * kBq * kLds);
+  float* s_delta = s_lse + 2 * kBq;
+  int* s_list = reinterpret_cast<int*>(s_delta + 2 * kBq);
+  int* s_count = s_list + p.n_q;
+
+  const int n_prefix_tiles = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
+  // Prefix tiles read every query block, and low key blocks most query blocks: heaviest first.
+  const bool is_prefix = static_cast<int>(blockIdx.x) < n_prefix_tiles;
+  const int kb = is_prefix ? blockIdx.x : blockIdx.x - n_prefix_tiles;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  int n_list;
+  if (is_prefix) {
+    for (int i = threadIdx.x; i < p.n_q; i += kThreads) s_list[i] = i;
+    n_list = p.n_q;
+    __syncthreads();
+  } else {
+    const int64_t row =
+        ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + kb;
+    n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts[row],
+                          p.t_capacity, kb, p.n_q - 1);
+  }
+  const int n_tiles = n_list * kPerBlock;
+
+  const T* q = p.q.plane<T>(b, h);
+  const T* dout = p.dout.plane<T>(b, h);
+  const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  auto issue = [&](int t) {
+    const int q0 = s_list[t / kPerBlock] * BLK + (t % kPerBlock) * kBq;
+    load_rows<T, kBq, D, kThreads>(s_q + (t & 1) * kBq * kLds, q, p.q.ss, q0, p.seq);
+    load_rows<T, kBq, D, kThreads>(s_do + (t & 1) * kBq * kLds, dout, p.dout.ss, q0, p.seq);
+    for (int r = threadIdx.x; r < kBq; r += kThreads) {
+      s_lse[(t & 1) * kBq + r] = backward_lse(p.lse + bh, q0 + r, p.seq);
+      s_delta[(t & 1) * kBq + r] = q0 + r < p.seq ? p.delta[bh + q0 + r] : 0.f;
+    }
+  };
+
+  const int key_limit = is_prefix ? p.prefix : p.seq;
+  if (is_prefix) {
+    load_rows<T, BLK, D, kThreads>(s_k, p.pk.plane<T>(b, h), p.pk.ss, kb * BLK, key_limit);
+    load_rows<T, BLK, D, kThreads>(s_v, p.pv.plane<T>(b, h), p.pv.ss, kb * BLK, key_limit);
+  } else {
+    load_rows<T, BLK, D, kThreads>(s_k, p.k.plane<T>(b, h), p.k.ss, kb * BLK, key_limit);
+    load_rows<T, BLK, D, kThreads>(s_v, p.v.plane<T>(b, h), p.v.ss, kb * BLK, key_limit);
+  }
+  if (n_tiles > 0) issue(0);
+  cp_async_commit();
+
+  const int g = lane >> 2, c = (lane & 3) * 2;
+  const int j_lo = kb * BLK + warp * 16 + g, j_hi = j_lo + 8;  // this thread's two key rows
+  const T* my_k = s_k + warp * 16 * kLds;
+  const T* my_v = s_v + warp * 16 * kLds;
+  float dk[D / 8][4], dv[D / 8][4];
+  zero(dk);
+  zero(dv);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) issue(t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* tq = s_q + (t & 1) * kBq * kLds;
+    const T* tdo = s_do + (t & 1) * kBq * kLds;
+    const float* tl = s_lse + (t & 1) * kBq;
+    const float* td = s_delta + (t & 1) * kBq;
+    const int qb = s_list[t / kPerBlock];
+    const int q0 = qb * BLK + (t % kPerBlock) * kBq;
+    const bool diagonal = !is_prefix && qb == kb;
+
+    float s[kBq / 8][4];  // P^T: rows are keys, columns queries
+    zero(s);
+    gemm_abt_shared<T, D, kBq, kLds>(s, my_k, tq);
+#pragma unroll
+    for (int nt = 0; nt < kBq / 8; ++nt) {
+      const int col = nt * 8 + c, i = q0 + col;
+      const float l0 = tl[col], l1 = tl[col + 1];
+      s[nt][0] = !diagonal || j_lo <= i ? exp2f(s[nt][0] * p.scale_log2 - l0) : 0.f;
+      s[nt][1] = !diagonal || j_lo <= i + 1 ? exp2f(s[nt][1] * p.scale_log2 - l1) : 0.f;
+      s[nt][2] = !diagonal || j_hi <= i ? exp2f(s[nt][2] * p.scale_log2 - l0) : 0.f;
+      s[nt][3] = !diagonal || j_hi <= i + 1 ? exp2f(s[nt][3] * p.scale_log2 - l1) : 0.f;
+    }
+    {
+      uint32_t pf[kBq / 16][4];
+      to_a<T, kBq>(pf, s);
+      gemm_ab<T, kBq, D, kLds>(dv, pf, tdo);
+    }
+    float dp[kBq / 8][4];  // dP^T
+    zero(dp);
+    gemm_abt_shared<T, D, kBq, kLds>(dp, my_v, tdo);
+#pragma unroll
+    for (int nt = 0; nt < kBq / 8; ++nt) {
+      const int col = nt * 8 + c;
+      const float d0 = td[col], d1 = td[col + 1];
+      dp[nt][0] = s[nt][0] * (dp[nt][0] - d0);
+      dp[nt][1] = s[nt][1] * (dp[nt][1] - d1);
+      dp[nt][2] = s[nt][2] * (dp[nt][2] - d0);
+      dp[nt][3] = s[nt][3] * (dp[nt][3] - d1);
+    }
+    {
+      uint32_t dsf[kBq / 16][4];
+      to_a<T, kBq>(dsf, dp);
+      gemm_ab<T, kBq, D, kLds>(dk, dsf, tq);
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const Output out_k = is_prefix ? p.dpk : p.dk;
+  const Output out_v = is_prefix ? p.dpv : p.dv;
+  // Each warp stages through its own 16 rows of the K and V tiles, which only it has read.
+  store_rows<T, D>(dk, p.scale, p.scale, s_k + warp * 16 * kLds, out_k.plane<T>(b, h), out_k.ss,
+                   kb * BLK + warp * 16, key_limit);
+  store_rows<T, D>(dv, 1.f, 1.f, s_v + warp * 16 * kLds, out_v.plane<T>(b, h), out_v.ss,
+                   kb * BLK + warp * 16, key_limit);
+}
+
+template <typename T, int D, int BLK>
+void launch_backward(const AttentionBackwardArgs& a) {
+  auto operand = [](const TensorView& t) {
+    Operand o;
+    if (t.defined()) o = Operand{t.data, t.stride(0), t.stride(1), t.stride(2)};
+    return o;
+  };
+  auto output = [](const TensorView& t) {
+    Output o;
+    if (t.defined()) o = Output{t.data, t.stride(0), t.stride(1), t.stride(2)};
+    return o;
+  };
+  BackwardParams p;
+  p.q = operand(a.q);
+  p.k = operand(a.k);
+  p.v = operand(a.v);
+  p.pk = operand(a.prefix_k);
+  p.pv = operand(a.prefix_v);
+  p.dout = operand(a.dout);
+  p.dq = output(a.dq);
+  p.dk = output(a.dk);
+  p.dv = output(a.dv);
+  p.dpk = output(a.dprefix_k);
+  p.dpv = output(a.dprefix_v);
+  p.lse = a.lse.ptr<const float>();
+  p.delta = a.ws_delta.ptr<const float>();
+  p.counts = a.layout.counts.ptr<const int32_t>();
+  p.indices = a.layout.indices.ptr<const int32_t>();
+  p.t_counts = a.ws_q_counts.ptr<const int32_t>();
+  p.t_indices = a.ws_q_indices.ptr<const int32_t>();
+  const int batch = static_cast<int>(a.q.size(0));
+  p.heads = static_cast<int>(a.q.size(1));
+  p.seq = static_cast<int>(a.q.size(2));
+  p.prefix = a.prefix_k.defined() ? static_cast<int>(a.prefix_k.size(2)) : 0;
+  if (p.prefix == 0) p.pk = p.pv = Operand{};
+  p.n_q = static_cast<int>(a.layout.rows());
+  p.capacity = static_cast<int>(a.layout.capacity());
+  p.t_capacity = static_cast<int>(a.ws_q_indices.size(3));
+  p.shared_layout = a.layout.batch() == 1;
+  p.want_prefix = a.dprefix_k.defined() && p.prefix > 0;
+  p.scale = static_cast<float>(a.scale);
+  p.scale_log2 = p.scale * kLog2e;
+  cudaStream_t stream = stream_of(a.q.stream);
+
+  const int64_t rows = static_cast<int64_t>(batch) * p.heads * p.seq;
+  if (rows > 0) {
+    delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+        p.dout, operand(a.out), a.ws_delta.ptr<float>(), p.heads, p.seq, rows);
+    check_cuda(cudaGetLastError(), "attention backward delta kernel launch");
+  }
+
+  {
+    using Shape = DkvShape<D, BLK>;
+    const size_t smem = Shape::template smem_bytes<T>(p.n_q);
+    auto kernel = dkv_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "attention dK/dV shared memory");
+    const int tiles = p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
+    kernel<<<dim3(tiles, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
+    check_cuda(cudaGetLastError(), "attention dK/dV kernel launch");
+  }
+  {
+    using Shape = DqShape<D, BLK>;
+    const size_t smem = Shape::template smem_bytes<T>(p.n_q);
+    auto kernel = dq_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "attention dQ shared memory");
+    kernel<<<dim3(p.n_q, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
+    check_cuda(cudaGetLastError(), "attention dQ kernel launch");
+  }
+}
+
+}  // namespace attention_cuda
+}  // namespace long_exposure

@@ -1,0 +1,19 @@
+// The kernel configurations of block-sparse attention, declared apart from their definitions so
+// that the launchers can name them while each configuration compiles in its own file.
+#pragma once
+
+#include "long_exposure/attention.h"
+
+namespace long_exposure {
+namespace attention_cuda {
+
+// T: __nv_bfloat16 or __half; D: head dim (64, 80, 128); BLK: layout block (64, 128).
+template <typename T, int D, int BLK>
+void launch_forward(const AttentionForwardArgs& args);
+
+// Needs the workspaces of AttentionBackwardArgs filled in (the transposed layout included).
+template <typename T, int D, int BLK>
+void launch_backward(const AttentionBackwardArgs& args);
+
+}  // namespace attention_cuda
+}  // namespace long_exposure

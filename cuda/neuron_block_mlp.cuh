@@ -1,0 +1,301 @@
+// The neuron-block MLP on tensor cores (contract: cpp/include/long_exposure/mlp.h). Four sparse
+// products and two small dense ones, each a use of mma::accumulate:
+//   forward   fc1: H[tile, block] = relu(X[tile] @ W1[block]^T (+ U1[tile] @ B1[block]^T) + b1)
+//                  for active pairs;
+//             fc2: [Y | V2][tile] = sum over the tile's active blocks of H[tile, block] @
+//                  [W2 | A2][:, block]^T (+ b2 on Y) — the LoRA factor A2 rides along as extra
+//                  output columns, so V2 = h @ A2^T costs no second pass over H;
+//   backward  dH:  dH[tile, block] = (dY[tile] @ W2[:, block] (+ dV2[tile] @ A2[:, block])) * (H > 0)
+//                  for active pairs, with db1's column sums folded into the
+//                  epilogue;
+//             dX:  [dX | dU1][tile] = sum over active blocks of dH[tile, block] @ [W1 | B1][block];
+//             dB1 = dH^T @ U1 and dA2^T = H^T @ dV2: dense over tokens, over H and dH cleared
+//                  outside the mask.
+// One thread block owns 64 tokens (a whole mask tile or a 64-token part of one) and a 64- or
+// 128-wide slice of the output, so a mask tile's block list is the same for all its rows.
+// H and dH are written on active pairs only; the dense token sums behind dB1 and dA2 need zeros
+// elsewhere, so the launcher clears H or dH first exactly when one of those is asked for.
+#pragma once
+
+#include "long_exposure/mlp.h"
+#include "mma_gemm.cuh"
+
+namespace long_exposure {
+namespace neuron_block {
+
+constexpr int kRows = 64;  // tokens per thread block
+constexpr int kStages = 4;
+
+// The shapes every kernel of one call reads, in elements.
+struct Dims {
+  int64_t tokens, model, neurons, r1, r2, tile_m, block_n, capacity;
+};
+
+template <typename T>
+struct ForwardParams {
+  Dims dims;
+  const T *x, *w1, *b1, *w2, *b2, *lora1_u, *lora1_b, *lora2_a;
+  const int32_t *counts, *indices;
+  T *y, *h, *lora2_v;
+};
+
+template <typename T>
+struct BackwardParams {
+  Dims dims;
+  const T *dy, *dlora2_v, *w1, *w2, *h, *lora1_u, *lora1_b, *lora2_a;
+  const int32_t *counts, *indices;
+  T *dh, *dx, *dlora1_u;
+  float* db1_sum;  // [neurons] fp32, zeroed by the launcher; null when db1 is not asked for
+};
+
+// The neuron range of the thread block that computes piece `sub` of the `slot`-th active block of
+// `tile`, or false when that slot is padding. Grids span slots, not blocks, so inactive pairs
+// cost a thread block that exits at once, and H and dH are written on active pairs only.
+template <int BN>
+__device__ __forceinline__ bool active_piece(const Dims& d, const int32_t* counts, const int32_t* indices,
+                                             int64_t tile, int64_t& n0) {
+  const int64_t per_block = d.block_n / BN, slot = blockIdx.x / per_block;
+  if (slot >= counts[tile]) return false;
+  n0 = static_cast<int64_t>(indices[tile * d.capacity + slot]) * d.block_n + (blockIdx.x % per_block) * BN;
+  return n0 < d.neurons;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* out, int64_t ld, int64_t rows, int64_t cols, int64_t row, int64_t col,
+                                           float v0, float v1) {
+  using P = mma::Pair<T>;
+  if (row < rows && col < cols) *reinterpret_cast<typename P::type*>(out + row * ld + col) = P::make(v0, v1);
+}
+
+template <typename T, int BN>
+using DenseKConfig = mma::Config<kRows, BN, 2, 2, kStages, true, true>;
+template <typename T, int BN>
+using TransposedBConfig = mma::Config<kRows, BN, 2, 2, kStages, true, false>;
+using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
+
+// fc1 over one (64 tokens, BN neurons) piece. grid: (neurons / BN rounded up, tokens / 64 rounded up).
+template <typename T, int BN>
+__global__ void __launch_bounds__(128) fc1_kernel(ForwardParams<T> p) {
+  using Cfg = DenseKConfig<T, BN>;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  T* shared = reinterpret_cast<T*>(shared_raw);
+  const Dims& d = p.dims;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  int64_t n0 = 0;
+  if (!active_piece<BN>(d, p.counts, p.indices, m0 / d.tile_m, n0)) return;
+  const int64_t rows = d.tokens - m0, cols = min(static_cast<int64_t>(BN), d.neurons - n0);
+  T* h = p.h + m0 * d.neurons + n0;
+  const mma::Operand<T> x{p.x + m0 * d.model, d.model, rows, d.model};
+  const mma::Operand<T> w1{p.w1 + n0 * d.model, d.model, cols, d.model};
+  const mma::Operand<T> u1{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1};
+  const mma::Operand<T> b1{p.lora1_b + n0 * d.r1, d.r1, cols, d.r1};
+  const int main_chunks = static_cast<int>((d.model + mma::kBK - 1) / mma::kBK);
+  const int lora_chunks = p.lora1_u ? static_cast<int>((d.r1 + mma::kBK - 1) / mma::kBK) : 0;
+  float acc[Cfg::MI][Cfg::NI][4];
+  mma::zero<Cfg>(acc);
+  mma::accumulate<Cfg, T>(acc, main_chunks + lora_chunks, [&](int i) {
+    return i < main_chunks ? mma::Chunk<T>{x, w1, static_cast<int64_t>(i) * mma::kBK}
+                           : mma::Chunk<T>{u1, b1, static_cast<int64_t>(i - main_chunks) * mma::kBK};
+  }, shared);
+  const T* bias = p.b1 ? p.b1 + n0 : nullptr;
+  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+    if (col >= cols) return;
+    if (bias) {
+      v0 += static_cast<float>(bias[col]);
+      v1 += static_cast<float>(bias[col + 1]);
+    }
+    store_pair(h, d.neurons, rows, cols, row, col, fmaxf(v0, 0.0f), fmaxf(v1, 0.0f));
+  });
+}
+
+// A K loop over the active blocks of one mask tile, in chunks of kBK neurons.
+template <typename T, typename MakeChunk>
+struct GatheredK {
+  const int32_t* list;
+  int64_t block_n;
+  int chunks_per_block;
+  MakeChunk make;
+  __device__ mma::Chunk<T> operator()(int i) const {
+    const int64_t k0 = static_cast<int64_t>(list[i / chunks_per_block]) * block_n +
+                       static_cast<int64_t>(i % chunks_per_block) * mma::kBK;
+    return make(k0);
+  }
+};
+
+// fc2 and its LoRA columns over one (64 tokens, 128 outputs) piece. grid.x counts the Y column
+// pieces first, then the lora2_v ones.
+template <typename T>
+__global__ void __launch_bounds__(128) fc2_kernel(ForwardParams<T> p) {
+  using Cfg = DenseKConfig<T, 128>;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  T* shared = reinterpret_cast<T*>(shared_raw);
+  const Dims& d = p.dims;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows, rows = d.tokens - m0;
+  const int64_t y_pieces = (d.model + 127) / 128;
+  const bool is_y = blockIdx.x < y_pieces;
+  const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_pieces) * 128;
+  const int64_t cols = (is_y ? d.model : d.r2) - n0;
+  const T* weight = is_y ? p.w2 : p.lora2_a;
+  const mma::Operand<T> h{p.h + m0 * d.neurons, d.neurons, rows, d.neurons};
+  const mma::Operand<T> w{weight + n0 * d.neurons, d.neurons, cols, d.neurons};
+  const int64_t tile = m0 / d.tile_m;
+  const int cpb = static_cast<int>(d.block_n / mma::kBK);
+  const int n_chunks = p.counts[tile] * cpb;
+  auto make = [=](int64_t k0) { return mma::Chunk<T>{h, w, k0}; };
+  float acc[Cfg::MI][Cfg::NI][4];
+  mma::zero<Cfg>(acc);
+  mma::accumulate<Cfg, T>(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
+                          shared);
+  T* out = is_y ? p.y + m0 * d.model + n0 : p.lora2_v + m0 * d.r2 + n0;
+  const int64_t ld = is_y ? d.model : d.r2;
+  const T* bias = is_y && p.b2 ? p.b2 + n0 : nullptr;
+  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+    if (col >= cols) return;
+    if (bias) {
+      v0 += static_cast<float>(bias[col]);
+      v1 += static_cast<float>(bias[col + 1]);
+    }
+    store_pair(out, ld, rows, cols, row, col, v0, v1);
+  });
+}
+
+// dH over one (64 tokens, BN neurons) piece, and its share of db1.
+template <typename T, int BN>
+__global__ void __launch_bounds__(128) dh_kernel(BackwardParams<T> p) {
+  using Cfg = TransposedBConfig<T, BN>;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  T* shared = reinterpret_cast<T*>(shared_raw);
+  const Dims& d = p.dims;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  int64_t n0 = 0;
+  if (!active_piece<BN>(d, p.counts, p.indices, m0 / d.tile_m, n0)) return;
+  const int64_t rows = d.tokens - m0, cols = min(static_cast<int64_t>(BN), d.neurons - n0);
+  T* dh = p.dh + m0 * d.neurons + n0;
+  // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
+  const mma::Operand<T> dy{p.dy + m0 * d.model, d.model, rows, d.model};
+  const mma::Operand<T> w2{p.w2 + n0, d.neurons, cols, d.model};
+  const mma::Operand<T> dv2{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2};
+  const mma::Operand<T> a2{p.lora2_a + n0, d.neurons, cols, d.r2};
+  const int main_chunks = static_cast<int>((d.model + mma::kBK - 1) / mma::kBK);
+  const int lora_chunks = p.dlora2_v ? static_cast<int>((d.r2 + mma::kBK - 1) / mma::kBK) : 0;
+  float acc[Cfg::MI][Cfg::NI][4];
+  mma::zero<Cfg>(acc);
+  mma::accumulate<Cfg, T>(acc, main_chunks + lora_chunks, [&](int i) {
+    return i < main_chunks ? mma::Chunk<T>{dy, w2, static_cast<int64_t>(i) * mma::kBK}
+                           : mma::Chunk<T>{dv2, a2, static_cast<int64_t>(i - main_chunks) * mma::kBK};
+  }, shared);
+  using P = mma::Pair<T>;
+  const T* h = p.h + m0 * d.neurons + n0;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wm = (warp / Cfg::WARPS_N) * Cfg::WM, wn = (warp % Cfg::WARPS_N) * Cfg::WN;
+#pragma unroll
+  for (int ni = 0; ni < Cfg::NI; ++ni) {
+    const int col = wn + ni * 8 + (lane % 4) * 2;
+    // Column sums of the stored (rounded) dH, as the reference sums it.
+    float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+    for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = wm + mi * 16 + lane / 4 + half * 8;
+        if (row < rows && col < cols) {
+          const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(h + row * d.neurons + col));
+          const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
+          const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
+          *reinterpret_cast<typename P::type*>(dh + row * d.neurons + col) = g;
+          const float2 gf = P::to_float2(g);
+          sum0 += gf.x;
+          sum1 += gf.y;
+        }
+      }
+    if (!p.db1_sum) continue;
+    // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic.
+    for (int offset = 4; offset < 32; offset *= 2) {
+      sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
+      sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
+    }
+    if (lane < 4 && col < cols) {
+      atomicAdd(p.db1_sum + n0 + col, sum0);
+      atomicAdd(p.db1_sum + n0 + col + 1, sum1);
+    }
+  }
+}
+
+// dX and dU1 over one (64 tokens, 128 outputs) piece: grid.x counts the dX pieces, then dU1's.
+template <typename T>
+__global__ void __launch_bounds__(128) dx_kernel(BackwardParams<T> p) {
+  using Cfg = TransposedBConfig<T, 128>;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  T* shared = reinterpret_cast<T*>(shared_raw);
+  const Dims& d = p.dims;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows, rows = d.tokens - m0;
+  const int64_t x_pieces = (d.model + 127) / 128;
+  const bool is_x = blockIdx.x < x_pieces;
+  const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_pieces) * 128;
+  const int64_t width = is_x ? d.model : d.r1, cols = width - n0;
+  // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
+  const mma::Operand<T> dh{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons};
+  const mma::Operand<T> w{(is_x ? p.w1 : p.lora1_b) + n0, width, cols, d.neurons};
+  const int64_t tile = m0 / d.tile_m;
+  const int cpb = static_cast<int>(d.block_n / mma::kBK);
+  const int n_chunks = p.counts[tile] * cpb;
+  auto make = [=](int64_t k0) { return mma::Chunk<T>{dh, w, k0}; };
+  float acc[Cfg::MI][Cfg::NI][4];
+  mma::zero<Cfg>(acc);
+  mma::accumulate<Cfg, T>(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
+                          shared);
+  T* out = (is_x ? p.dx : p.dlora1_u) + m0 * width + n0;
+  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+    store_pair(out, width, rows, cols, row, col, v0, v1);
+  });
+}
+
+// out[m * out_m + n * out_n] = sum over tokens t of a[t, m] * b[t, n], a [tokens, M], b [tokens, N]:
+// the LoRA factor gradients dB1 (a = dH, b = U1) and dA2 (a = H, b = dV2, stored transposed).
+template <typename T>
+__global__ void __launch_bounds__(128) token_sum_kernel(const T* a, const T* b, int64_t tokens, int64_t m_size,
+                                                         int64_t n_size, T* out, int64_t out_m, int64_t out_n) {
+  using Cfg = LoraGradConfig;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  T* shared = reinterpret_cast<T*>(shared_raw);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  const mma::Operand<T> a_op{a + m0, m_size, m_size - m0, tokens};
+  const mma::Operand<T> b_op{b + n0, n_size, n_size - n0, tokens};
+  const int n_chunks = static_cast<int>((tokens + mma::kBK - 1) / mma::kBK);
+  float acc[Cfg::MI][Cfg::NI][4];
+  mma::zero<Cfg>(acc);
+  mma::accumulate<Cfg, T>(acc, n_chunks, [&](int i) {
+    return mma::Chunk<T>{a_op, b_op, static_cast<int64_t>(i) * mma::kBK};
+  }, shared);
+  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+    const int64_t m = m0 + row, n = n0 + col;
+    if (m >= m_size || n >= n_size) return;
+    out[m * out_m + n * out_n] = static_cast<T>(v0);
+    out[m * out_m + (n + 1) * out_n] = static_cast<T>(v1);
+  });
+}
+
+// sums[c] += column sums of a [rows, cols] over a slab of rows; grid (cols / 256 rounded up, slabs).
+template <typename T>
+__global__ void column_sum_kernel(const T* a, int64_t rows, int64_t cols, int64_t slab, float* sums) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * slab, r1 = min(rows, r0 + slab);
+  float s = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) s += static_cast<float>(a[r * cols + c]);
+  atomicAdd(sums + c, s);
+}
+
+template <typename T>
+__global__ void round_kernel(const float* in, T* out, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = static_cast<T>(in[i]);
+}
+
+template <typename T>
+void forward(const MlpForwardArgs& args);
+template <typename T>
+void backward(const MlpBackwardArgs& args);
+
+}  // namespace neuron_block
+}  // namespace long_exposure

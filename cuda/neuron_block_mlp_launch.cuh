@@ -1,0 +1,130 @@
+// Host side of the neuron-block MLP kernels: grids, shared memory and the order of launches, for
+// one element type (instantiated once per type in neuron_block_mlp_<type>.cu).
+#pragma once
+
+#include <string>
+
+#include "cuda_check.cuh"
+#include "float_kernels.cuh"
+#include "neuron_block_mlp.cuh"
+
+namespace long_exposure {
+namespace neuron_block {
+
+inline unsigned pieces(int64_t n, int64_t size) { return static_cast<unsigned>((n + size - 1) / size); }
+
+// Grid width over a tile's mask slots, each split into block_n / bn pieces.
+inline unsigned slot_pieces(const Dims& d, int64_t bn) { return static_cast<unsigned>(d.capacity * (d.block_n / bn)); }
+
+template <typename T>
+const T* ptr_or_null(const TensorView& v) {
+  return v.defined() ? v.ptr<const T>() : nullptr;
+}
+template <typename T>
+T* out_or_null(const TensorView& v) {
+  return v.defined() ? v.ptr<T>() : nullptr;
+}
+
+inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& mask, const TensorView& lora1_u,
+                    const TensorView& lora2_a) {
+  return Dims{x.size(0),
+              x.size(1),
+              w1.size(0),
+              lora1_u.defined() ? lora1_u.size(1) : 0,
+              lora2_a.defined() ? lora2_a.size(0) : 0,
+              mask.tile_m,
+              mask.block_n,
+              mask.capacity()};
+}
+
+template <typename Cfg, typename T, typename Kernel, typename Params>
+void launch(Kernel kernel, dim3 grid, cudaStream_t stream, int device, const Params& params, const char* name) {
+  if (grid.x == 0 || grid.y == 0) return;
+  constexpr int bytes = Cfg::template shared_bytes<T>();
+  reserve_shared_memory(kernel, bytes, device, name);
+  kernel<<<grid, Cfg::kThreads, bytes, stream>>>(params);
+  check_cuda(cudaGetLastError(), name);
+}
+
+template <typename T>
+void forward(const MlpForwardArgs& a) {
+  ForwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
+                     a.x.ptr<const T>(), a.w1.ptr<const T>(), ptr_or_null<T>(a.b1), a.w2.ptr<const T>(),
+                     ptr_or_null<T>(a.b2), ptr_or_null<T>(a.lora1_u), ptr_or_null<T>(a.lora1_b),
+                     ptr_or_null<T>(a.lora2_a), a.mask.counts.ptr<const int32_t>(),
+                     a.mask.indices.ptr<const int32_t>(), a.y.ptr<T>(), a.h.ptr<T>(), out_or_null<T>(a.lora2_v)};
+  const Dims& d = p.dims;
+  const cudaStream_t stream = stream_of(a.y.stream);
+  const int device = a.x.device_index;
+  const unsigned rows = pieces(d.tokens, kRows);
+  // dA2 = H^T @ dV2 runs dense over tokens in the backward pass: it needs zeros off the mask.
+  if (p.lora2_a && d.tokens * d.neurons > 0)
+    check_cuda(cudaMemsetAsync(p.h, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
+  if (d.block_n % 128 == 0)
+    launch<DenseKConfig<T, 128>, T>(fc1_kernel<T, 128>, dim3(slot_pieces(d, 128), rows), stream, device, p,
+                                    "neuron-block MLP fc1");
+  else
+    launch<DenseKConfig<T, 64>, T>(fc1_kernel<T, 64>, dim3(slot_pieces(d, 64), rows), stream, device, p,
+                                   "neuron-block MLP fc1");
+  launch<DenseKConfig<T, 128>, T>(fc2_kernel<T>, dim3(pieces(d.model, 128) + pieces(d.r2, 128), rows), stream,
+                                  device, p, "neuron-block MLP fc2");
+}
+
+template <typename T>
+void backward(const MlpBackwardArgs& a) {
+  BackwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
+                      a.dy.ptr<const T>(), ptr_or_null<T>(a.dlora2_v), a.w1.ptr<const T>(), a.w2.ptr<const T>(),
+                      a.h.ptr<const T>(), ptr_or_null<T>(a.lora1_u), ptr_or_null<T>(a.lora1_b),
+                      ptr_or_null<T>(a.lora2_a), a.mask.counts.ptr<const int32_t>(),
+                      a.mask.indices.ptr<const int32_t>(), a.dh_workspace.ptr<T>(), a.dx.ptr<T>(),
+                      out_or_null<T>(a.dlora1_u), nullptr};
+  const Dims& d = p.dims;
+  const cudaStream_t stream = stream_of(a.dx.stream);
+  const int device = a.x.device_index;
+  float* sums = a.sum_workspace.ptr<float>();  // db1's sums, then db2's
+  if (a.db1.defined() || a.db2.defined())
+    check_cuda(cudaMemsetAsync(sums, 0, sizeof(float) * (d.neurons + d.model), stream), "cudaMemsetAsync");
+  if (a.db1.defined()) p.db1_sum = sums;
+  const unsigned rows = pieces(d.tokens, kRows);
+  // dB1 = dH^T @ U1 runs dense over tokens: it needs zeros off the mask.
+  if (a.dlora1_b.defined() && d.tokens * d.neurons > 0)
+    check_cuda(cudaMemsetAsync(p.dh, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
+  if (d.block_n % 128 == 0)
+    launch<TransposedBConfig<T, 128>, T>(dh_kernel<T, 128>, dim3(slot_pieces(d, 128), rows), stream, device, p,
+                                         "neuron-block MLP dH");
+  else
+    launch<TransposedBConfig<T, 64>, T>(dh_kernel<T, 64>, dim3(slot_pieces(d, 64), rows), stream, device, p,
+                                        "neuron-block MLP dH");
+  const unsigned u1_pieces = p.dlora1_u ? pieces(d.r1, 128) : 0;
+  launch<TransposedBConfig<T, 128>, T>(dx_kernel<T>, dim3(pieces(d.model, 128) + u1_pieces, rows), stream, device,
+                                       p, "neuron-block MLP dX");
+
+  auto token_sum = [&](const T* x, const T* y, int64_t m, int64_t n, T* out, int64_t out_m, int64_t out_n) {
+    const dim3 grid(pieces(m, LoraGradConfig::BM), pieces(n, LoraGradConfig::BN));
+    if (grid.x == 0 || grid.y == 0) return;
+    constexpr int bytes = LoraGradConfig::shared_bytes<T>();
+    reserve_shared_memory(token_sum_kernel<T>, bytes, device, "neuron-block MLP LoRA factor gradient");
+    token_sum_kernel<T><<<grid, LoraGradConfig::kThreads, bytes, stream>>>(x, y, d.tokens, m, n, out, out_m, out_n);
+    check_cuda(cudaGetLastError(), "neuron-block MLP LoRA factor gradient");
+  };
+  if (a.dlora1_b.defined()) token_sum(p.dh, p.lora1_u, d.neurons, d.r1, a.dlora1_b.ptr<T>(), d.r1, 1);
+  if (a.dlora2_a.defined()) token_sum(p.h, p.dlora2_v, d.neurons, d.r2, a.dlora2_a.ptr<T>(), 1, d.neurons);
+
+  auto round = [&](const float* in, T* out, int64_t n) {
+    if (n == 0) return;
+    round_kernel<T><<<pieces(n, 256), 256, 0, stream>>>(in, out, n);
+    check_cuda(cudaGetLastError(), "neuron-block MLP bias gradient");
+  };
+  if (a.db1.defined()) round(sums, a.db1.ptr<T>(), d.neurons);
+  if (a.db2.defined() && d.model > 0) {
+    // Slabs of 256 rows give enough blocks to read dy at full bandwidth for any token count.
+    constexpr int64_t kSlab = 256;
+    const dim3 grid(pieces(d.model, 256), pieces(d.tokens, kSlab));
+    if (grid.y > 0) column_sum_kernel<T><<<grid, 256, 0, stream>>>(p.dy, d.tokens, d.model, kSlab, sums + d.neurons);
+    check_cuda(cudaGetLastError(), "neuron-block MLP bias gradient");
+    round(sums + d.neurons, a.db2.ptr<T>(), d.model);
+  }
+}
+
+}  // namespace neuron_block
+}  // namespace long_exposure
