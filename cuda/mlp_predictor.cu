@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
     mma::accumulate<Cfg, __nv_bfloat16>(
         acc, n_chunks, [&](int i) { return mma::Chunk<__nv_bfloat16>{x_op, down_op, int64_t{i} * mma::kBK}; }, tiles);
     // accumulate() ends on a barrier with no copy in flight, so z may overwrite the tiles.
-    mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+    mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1, int) {
       if (col < rank) z[row * zs + col] = as_stored<__nv_bfloat16>(v0);
       if (col + 1 < rank) z[row * zs + col + 1] = as_stored<__nv_bfloat16>(v1);
     });

@@ -219,8 +219,9 @@ __device__ __forceinline__ void zero(float (&acc)[Cfg::MI][Cfg::NI][4]) {
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 }
 
-// Visits the accumulator as (row, column, value pair): f(row, col, v0, v1) for columns col and
-// col + 1 of the block tile, so the epilogue can store two elements at once.
+// Visits the accumulator as f(row, col, v0, v1, slot): columns col and col + 1 of the block tile,
+// so the epilogue can store two elements at once; slot numbers the thread's column pairs (the
+// same for every row it holds).
 template <typename Cfg, typename F>
 __device__ __forceinline__ void for_each_pair(const float (&acc)[Cfg::MI][Cfg::NI][4], F f) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -230,10 +231,37 @@ __device__ __forceinline__ void for_each_pair(const float (&acc)[Cfg::MI][Cfg::N
 #pragma unroll
     for (int ni = 0; ni < Cfg::NI; ++ni) {
       const int row = wm + mi * 16 + lane / 4, col = wn + ni * 8 + (lane % 4) * 2;
-      f(row, col, acc[mi][ni][0], acc[mi][ni][1]);
-      f(row + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
+      f(row, col, acc[mi][ni][0], acc[mi][ni][1], ni);
+      f(row + 8, col, acc[mi][ni][2], acc[mi][ni][3], ni);
     }
 }
+
+// The interface the MLP kernels are written against (wgmma_gemm.cuh has the Hopper one): a
+// 64 x BN block tile on 4 warps of mma.sync, as an accumulator type, the chunk loop and a visitor.
+template <typename T, int BN_, bool B_KMAJOR, int STAGES>
+struct Engine {
+  using Cfg = Config<64, BN_, 2, 2, STAGES, true, B_KMAJOR>;
+  static constexpr int BN = BN_;
+  static constexpr int kThreads = Cfg::kThreads;
+  static constexpr int kSlots = Cfg::NI;  // column pairs each thread holds
+  static constexpr int shared_bytes() { return Cfg::template shared_bytes<T>(); }
+  struct Acc {
+    float v[Cfg::MI][Cfg::NI][4];
+  };
+  __device__ static __forceinline__ void zero(Acc& acc) { mma::zero<Cfg>(acc.v); }
+  template <typename GetChunk>
+  __device__ static __forceinline__ void accumulate(Acc& acc, int n_chunks, GetChunk get_chunk, unsigned char* raw) {
+    mma::accumulate<Cfg, T>(acc.v, n_chunks, get_chunk, reinterpret_cast<T*>(raw));
+  }
+  template <typename F>
+  __device__ static __forceinline__ void for_each_pair(const Acc& acc, F f) {
+    mma::for_each_pair<Cfg>(acc.v, f);
+  }
+  __device__ static __forceinline__ int slot_column(int slot) {
+    const int warp = threadIdx.x / 32;
+    return (warp % Cfg::WARPS_N) * Cfg::WN + slot * 8 + (threadIdx.x % 4) * 2;
+  }
+};
 
 template <typename T>
 struct Pair;

@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "cuda_check.cuh"
@@ -15,6 +17,10 @@ template <typename T>
 void forward(const MlpForwardArgs& args);
 template <typename T>
 void backward(const MlpBackwardArgs& args);
+template <typename T>
+void forward_sm90(const MlpForwardArgs& args);
+template <typename T>
+void backward_sm90(const MlpBackwardArgs& args);
 }  // namespace neuron_block
 
 namespace {
@@ -40,6 +46,22 @@ void require_kernel_shapes(const TensorView& x, const TensorView& w1, const MlpM
   require(!lora2_a.defined() || lora2_a.size(0) % 8 == 0, "the CUDA neuron-block MLP needs the fc2 LoRA rank to be a multiple of 8");
 }
 
+// The wgmma kernels where the build has them (sm_90a) and the device is a Hopper; setting
+// LONG_EXPOSURE_MLP_KERNEL=mma picks the portable mma.sync kernels everywhere (tests cover both).
+bool use_wgmma(int device) {
+#ifdef LONG_EXPOSURE_WITH_SM90A
+  const char* choice = std::getenv("LONG_EXPOSURE_MLP_KERNEL");
+  if (choice && std::strcmp(choice, "mma") == 0) return false;
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  return major == 9 && minor == 0;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
 template <typename Fn>
 void dispatch(DType dtype, Fn&& fn) {
   if (dtype == DType::kBFloat16)
@@ -57,7 +79,11 @@ void mlp_forward_cuda(const MlpForwardArgs& a) {
                          {&a.h, "h"}, {&a.lora2_v, "lora2_v"}})
     require_aligned(*v, name);
   DeviceGuard guard(a.x.device_index);
-  dispatch(a.x.dtype, [&](auto* tag) { neuron_block::forward<std::remove_pointer_t<decltype(tag)>>(a); });
+  const bool hopper = use_wgmma(a.x.device_index);
+  dispatch(a.x.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    hopper ? neuron_block::forward_sm90<T>(a) : neuron_block::forward<T>(a);
+  });
 }
 
 void mlp_backward_cuda(const MlpBackwardArgs& a) {
@@ -69,7 +95,11 @@ void mlp_backward_cuda(const MlpBackwardArgs& a) {
                          {&a.dx, "dx"}, {&a.dlora1_u, "dlora1_u"}, {&a.dh_workspace, "dh_workspace"}})
     require_aligned(*v, name);
   DeviceGuard guard(a.x.device_index);
-  dispatch(a.x.dtype, [&](auto* tag) { neuron_block::backward<std::remove_pointer_t<decltype(tag)>>(a); });
+  const bool hopper = use_wgmma(a.x.device_index);
+  dispatch(a.x.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    hopper ? neuron_block::backward_sm90<T>(a) : neuron_block::backward<T>(a);
+  });
 }
 
 }  // namespace long_exposure

@@ -67,18 +67,16 @@ __device__ __forceinline__ void store_pair(T* out, int64_t ld, int64_t rows, int
   if (row < rows && col < cols) *reinterpret_cast<typename P::type*>(out + row * ld + col) = P::make(v0, v1);
 }
 
-template <typename T, int BN>
-using DenseKConfig = mma::Config<kRows, BN, 2, 2, kStages, true, true>;
-template <typename T, int BN>
-using TransposedBConfig = mma::Config<kRows, BN, 2, 2, kStages, true, false>;
 using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 
-// fc1 over one (64 tokens, BN neurons) piece. grid: (neurons / BN rounded up, tokens / 64 rounded up).
-template <typename T, int BN>
-__global__ void __launch_bounds__(128) fc1_kernel(ForwardParams<T> p) {
-  using Cfg = DenseKConfig<T, BN>;
-  extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* shared = reinterpret_cast<T*>(shared_raw);
+// The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a 64 x Engine::BN block
+// tile, its accumulator, the chunk loop and the accumulator visitor.
+
+// fc1 over one (64 tokens, BN neurons) piece. grid: (mask slots x block_n / BN, tokens / 64).
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(ForwardParams<T> p) {
+  constexpr int BN = Engine::BN;
+  extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
   int64_t n0 = 0;
@@ -91,14 +89,14 @@ __global__ void __launch_bounds__(128) fc1_kernel(ForwardParams<T> p) {
   const mma::Operand<T> b1{p.lora1_b + n0 * d.r1, d.r1, cols, d.r1};
   const int main_chunks = static_cast<int>((d.model + mma::kBK - 1) / mma::kBK);
   const int lora_chunks = p.lora1_u ? static_cast<int>((d.r1 + mma::kBK - 1) / mma::kBK) : 0;
-  float acc[Cfg::MI][Cfg::NI][4];
-  mma::zero<Cfg>(acc);
-  mma::accumulate<Cfg, T>(acc, main_chunks + lora_chunks, [&](int i) {
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
     return i < main_chunks ? mma::Chunk<T>{x, w1, static_cast<int64_t>(i) * mma::kBK}
                            : mma::Chunk<T>{u1, b1, static_cast<int64_t>(i - main_chunks) * mma::kBK};
   }, shared);
   const T* bias = p.b1 ? p.b1 + n0 : nullptr;
-  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     if (col >= cols) return;
     if (bias) {
       v0 += static_cast<float>(bias[col]);
@@ -122,18 +120,17 @@ struct GatheredK {
   }
 };
 
-// fc2 and its LoRA columns over one (64 tokens, 128 outputs) piece. grid.x counts the Y column
+// fc2 and its LoRA columns over one (64 tokens, BN outputs) piece. grid.x counts the Y column
 // pieces first, then the lora2_v ones.
-template <typename T>
-__global__ void __launch_bounds__(128) fc2_kernel(ForwardParams<T> p) {
-  using Cfg = DenseKConfig<T, 128>;
-  extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* shared = reinterpret_cast<T*>(shared_raw);
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> p) {
+  constexpr int BN = Engine::BN;
+  extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows, rows = d.tokens - m0;
-  const int64_t y_pieces = (d.model + 127) / 128;
+  const int64_t y_pieces = (d.model + BN - 1) / BN;
   const bool is_y = blockIdx.x < y_pieces;
-  const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_pieces) * 128;
+  const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_pieces) * BN;
   const int64_t cols = (is_y ? d.model : d.r2) - n0;
   const T* weight = is_y ? p.w2 : p.lora2_a;
   const mma::Operand<T> h{p.h + m0 * d.neurons, d.neurons, rows, d.neurons};
@@ -142,14 +139,14 @@ __global__ void __launch_bounds__(128) fc2_kernel(ForwardParams<T> p) {
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;
   auto make = [=](int64_t k0) { return mma::Chunk<T>{h, w, k0}; };
-  float acc[Cfg::MI][Cfg::NI][4];
-  mma::zero<Cfg>(acc);
-  mma::accumulate<Cfg, T>(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
-                          shared);
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::accumulate(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
+                     shared);
   T* out = is_y ? p.y + m0 * d.model + n0 : p.lora2_v + m0 * d.r2 + n0;
   const int64_t ld = is_y ? d.model : d.r2;
   const T* bias = is_y && p.b2 ? p.b2 + n0 : nullptr;
-  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     if (col >= cols) return;
     if (bias) {
       v0 += static_cast<float>(bias[col]);
@@ -160,11 +157,10 @@ __global__ void __launch_bounds__(128) fc2_kernel(ForwardParams<T> p) {
 }
 
 // dH over one (64 tokens, BN neurons) piece, and its share of db1.
-template <typename T, int BN>
-__global__ void __launch_bounds__(128) dh_kernel(BackwardParams<T> p) {
-  using Cfg = TransposedBConfig<T, BN>;
-  extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* shared = reinterpret_cast<T*>(shared_raw);
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> p) {
+  constexpr int BN = Engine::BN;
+  extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
   int64_t n0 = 0;
@@ -178,60 +174,53 @@ __global__ void __launch_bounds__(128) dh_kernel(BackwardParams<T> p) {
   const mma::Operand<T> a2{p.lora2_a + n0, d.neurons, cols, d.r2};
   const int main_chunks = static_cast<int>((d.model + mma::kBK - 1) / mma::kBK);
   const int lora_chunks = p.dlora2_v ? static_cast<int>((d.r2 + mma::kBK - 1) / mma::kBK) : 0;
-  float acc[Cfg::MI][Cfg::NI][4];
-  mma::zero<Cfg>(acc);
-  mma::accumulate<Cfg, T>(acc, main_chunks + lora_chunks, [&](int i) {
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
     return i < main_chunks ? mma::Chunk<T>{dy, w2, static_cast<int64_t>(i) * mma::kBK}
                            : mma::Chunk<T>{dv2, a2, static_cast<int64_t>(i - main_chunks) * mma::kBK};
   }, shared);
   using P = mma::Pair<T>;
   const T* h = p.h + m0 * d.neurons + n0;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int wm = (warp / Cfg::WARPS_N) * Cfg::WM, wn = (warp % Cfg::WARPS_N) * Cfg::WN;
+  // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
+  float sums[Engine::kSlots][2] = {};
+  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
+    if (row >= rows || col >= cols) return;
+    const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(h + row * d.neurons + col));
+    const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
+    *reinterpret_cast<typename P::type*>(dh + row * d.neurons + col) = g;
+    const float2 gf = P::to_float2(g);
+    sums[slot][0] += gf.x;
+    sums[slot][1] += gf.y;
+  });
+  if (!p.db1_sum) return;
+  // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic.
+  const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int ni = 0; ni < Cfg::NI; ++ni) {
-    const int col = wn + ni * 8 + (lane % 4) * 2;
-    // Column sums of the stored (rounded) dH, as the reference sums it.
-    float sum0 = 0.0f, sum1 = 0.0f;
-#pragma unroll
-    for (int mi = 0; mi < Cfg::MI; ++mi)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = wm + mi * 16 + lane / 4 + half * 8;
-        if (row < rows && col < cols) {
-          const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(h + row * d.neurons + col));
-          const float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
-          const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
-          *reinterpret_cast<typename P::type*>(dh + row * d.neurons + col) = g;
-          const float2 gf = P::to_float2(g);
-          sum0 += gf.x;
-          sum1 += gf.y;
-        }
-      }
-    if (!p.db1_sum) continue;
-    // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic.
+  for (int slot = 0; slot < Engine::kSlots; ++slot) {
+    float s0 = sums[slot][0], s1 = sums[slot][1];
     for (int offset = 4; offset < 32; offset *= 2) {
-      sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
-      sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
+      s0 += __shfl_xor_sync(0xffffffffu, s0, offset);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, offset);
     }
+    const int col = Engine::slot_column(slot);
     if (lane < 4 && col < cols) {
-      atomicAdd(p.db1_sum + n0 + col, sum0);
-      atomicAdd(p.db1_sum + n0 + col + 1, sum1);
+      atomicAdd(p.db1_sum + n0 + col, s0);
+      atomicAdd(p.db1_sum + n0 + col + 1, s1);
     }
   }
 }
 
-// dX and dU1 over one (64 tokens, 128 outputs) piece: grid.x counts the dX pieces, then dU1's.
-template <typename T>
-__global__ void __launch_bounds__(128) dx_kernel(BackwardParams<T> p) {
-  using Cfg = TransposedBConfig<T, 128>;
-  extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* shared = reinterpret_cast<T*>(shared_raw);
+// dX and dU1 over one (64 tokens, BN outputs) piece: grid.x counts the dX pieces, then dU1's.
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(Engine::kThreads) dx_kernel(BackwardParams<T> p) {
+  constexpr int BN = Engine::BN;
+  extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows, rows = d.tokens - m0;
-  const int64_t x_pieces = (d.model + 127) / 128;
+  const int64_t x_pieces = (d.model + BN - 1) / BN;
   const bool is_x = blockIdx.x < x_pieces;
-  const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_pieces) * 128;
+  const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_pieces) * BN;
   const int64_t width = is_x ? d.model : d.r1, cols = width - n0;
   // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
   const mma::Operand<T> dh{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons};
@@ -240,12 +229,12 @@ __global__ void __launch_bounds__(128) dx_kernel(BackwardParams<T> p) {
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;
   auto make = [=](int64_t k0) { return mma::Chunk<T>{dh, w, k0}; };
-  float acc[Cfg::MI][Cfg::NI][4];
-  mma::zero<Cfg>(acc);
-  mma::accumulate<Cfg, T>(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
-                          shared);
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::accumulate(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
+                     shared);
   T* out = (is_x ? p.dx : p.dlora1_u) + m0 * width + n0;
-  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     store_pair(out, width, rows, cols, row, col, v0, v1);
   });
 }
@@ -267,7 +256,7 @@ __global__ void __launch_bounds__(128) token_sum_kernel(const T* a, const T* b, 
   mma::accumulate<Cfg, T>(acc, n_chunks, [&](int i) {
     return mma::Chunk<T>{a_op, b_op, static_cast<int64_t>(i) * mma::kBK};
   }, shared);
-  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1) {
+  mma::for_each_pair<Cfg>(acc, [&](int row, int col, float v0, float v1, int) {
     const int64_t m = m0 + row, n = n0 + col;
     if (m >= m_size || n >= n_size) return;
     out[m * out_m + n * out_n] = static_cast<T>(v0);
@@ -292,10 +281,15 @@ __global__ void round_kernel(const float* in, T* out, int64_t n) {
   if (i < n) out[i] = static_cast<T>(in[i]);
 }
 
+// Per element type: mma.sync kernels (any chip), and wgmma ones (sm_90a builds, Hopper devices).
 template <typename T>
 void forward(const MlpForwardArgs& args);
 template <typename T>
 void backward(const MlpBackwardArgs& args);
+template <typename T>
+void forward_sm90(const MlpForwardArgs& args);
+template <typename T>
+void backward_sm90(const MlpBackwardArgs& args);
 
 }  // namespace neuron_block
 }  // namespace long_exposure

@@ -1,11 +1,18 @@
-// The neuron-block MLP kernels for fp16, in a file of their own to keep each compilation small.
+// The neuron-block MLP kernels for fp16 on mma.sync (any chip from sm_80), in a file of their own
+// to keep each compilation small.
 #include "neuron_block_mlp_launch.cuh"
 
 namespace long_exposure {
 namespace neuron_block {
 
-template void forward<__half>(const MlpForwardArgs&);
-template void backward<__half>(const MlpBackwardArgs&);
+template <>
+void forward<__half>(const MlpForwardArgs& a) {
+  forward_with<__half, MmaWide>(a);
+}
+template <>
+void backward<__half>(const MlpBackwardArgs& a) {
+  backward_with<__half, MmaWide>(a);
+}
 
 }  // namespace neuron_block
 }  // namespace long_exposure

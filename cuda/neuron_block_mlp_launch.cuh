@@ -37,17 +37,23 @@ inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& ma
               mask.capacity()};
 }
 
-template <typename Cfg, typename T, typename Kernel, typename Params>
+template <typename Engine, typename Kernel, typename Params>
 void launch(Kernel kernel, dim3 grid, cudaStream_t stream, int device, const Params& params, const char* name) {
   if (grid.x == 0 || grid.y == 0) return;
-  constexpr int bytes = Cfg::template shared_bytes<T>();
+  constexpr int bytes = Engine::shared_bytes();
   reserve_shared_memory(kernel, bytes, device, name);
-  kernel<<<grid, Cfg::kThreads, bytes, stream>>>(params);
+  kernel<<<grid, Engine::kThreads, bytes, stream>>>(params);
   check_cuda(cudaGetLastError(), name);
 }
 
-template <typename T>
-void forward(const MlpForwardArgs& a) {
+// The 64 x 64 tile for 64-neuron blocks, whichever engine takes the 128-wide tiles.
+template <typename T, bool B_KMAJOR>
+using NarrowEngine = mma::Engine<T, 64, B_KMAJOR, kStages>;
+
+// Wide<T, B_KMAJOR> is the engine of the 64 x 128 tiles: mma::Engine on any chip, wgmma::Engine
+// on sm_90a (neuron_block_mlp_sm90.cu).
+template <typename T, template <typename, bool> class Wide>
+void forward_with(const MlpForwardArgs& a) {
   ForwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
                      a.x.ptr<const T>(), a.w1.ptr<const T>(), ptr_or_null<T>(a.b1), a.w2.ptr<const T>(),
                      ptr_or_null<T>(a.b2), ptr_or_null<T>(a.lora1_u), ptr_or_null<T>(a.lora1_b),
@@ -60,18 +66,18 @@ void forward(const MlpForwardArgs& a) {
   // dA2 = H^T @ dV2 runs dense over tokens in the backward pass: it needs zeros off the mask.
   if (p.lora2_a && d.tokens * d.neurons > 0)
     check_cuda(cudaMemsetAsync(p.h, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
+  using Wide1 = Wide<T, true>;
   if (d.block_n % 128 == 0)
-    launch<DenseKConfig<T, 128>, T>(fc1_kernel<T, 128>, dim3(slot_pieces(d, 128), rows), stream, device, p,
-                                    "neuron-block MLP fc1");
+    launch<Wide1>(fc1_kernel<T, Wide1>, dim3(slot_pieces(d, 128), rows), stream, device, p, "neuron-block MLP fc1");
   else
-    launch<DenseKConfig<T, 64>, T>(fc1_kernel<T, 64>, dim3(slot_pieces(d, 64), rows), stream, device, p,
-                                   "neuron-block MLP fc1");
-  launch<DenseKConfig<T, 128>, T>(fc2_kernel<T>, dim3(pieces(d.model, 128) + pieces(d.r2, 128), rows), stream,
-                                  device, p, "neuron-block MLP fc2");
+    launch<NarrowEngine<T, true>>(fc1_kernel<T, NarrowEngine<T, true>>, dim3(slot_pieces(d, 64), rows), stream,
+                                  device, p, "neuron-block MLP fc1");
+  launch<Wide1>(fc2_kernel<T, Wide1>, dim3(pieces(d.model, 128) + pieces(d.r2, 128), rows), stream, device, p,
+                "neuron-block MLP fc2");
 }
 
-template <typename T>
-void backward(const MlpBackwardArgs& a) {
+template <typename T, template <typename, bool> class Wide>
+void backward_with(const MlpBackwardArgs& a) {
   BackwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
                       a.dy.ptr<const T>(), ptr_or_null<T>(a.dlora2_v), a.w1.ptr<const T>(), a.w2.ptr<const T>(),
                       a.h.ptr<const T>(), ptr_or_null<T>(a.lora1_u), ptr_or_null<T>(a.lora1_b),
@@ -89,15 +95,15 @@ void backward(const MlpBackwardArgs& a) {
   // dB1 = dH^T @ U1 runs dense over tokens: it needs zeros off the mask.
   if (a.dlora1_b.defined() && d.tokens * d.neurons > 0)
     check_cuda(cudaMemsetAsync(p.dh, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
+  using Wide2 = Wide<T, false>;
   if (d.block_n % 128 == 0)
-    launch<TransposedBConfig<T, 128>, T>(dh_kernel<T, 128>, dim3(slot_pieces(d, 128), rows), stream, device, p,
-                                         "neuron-block MLP dH");
+    launch<Wide2>(dh_kernel<T, Wide2>, dim3(slot_pieces(d, 128), rows), stream, device, p, "neuron-block MLP dH");
   else
-    launch<TransposedBConfig<T, 64>, T>(dh_kernel<T, 64>, dim3(slot_pieces(d, 64), rows), stream, device, p,
-                                        "neuron-block MLP dH");
+    launch<NarrowEngine<T, false>>(dh_kernel<T, NarrowEngine<T, false>>, dim3(slot_pieces(d, 64), rows), stream,
+                                   device, p, "neuron-block MLP dH");
   const unsigned u1_pieces = p.dlora1_u ? pieces(d.r1, 128) : 0;
-  launch<TransposedBConfig<T, 128>, T>(dx_kernel<T>, dim3(pieces(d.model, 128) + u1_pieces, rows), stream, device,
-                                       p, "neuron-block MLP dX");
+  launch<Wide2>(dx_kernel<T, Wide2>, dim3(pieces(d.model, 128) + u1_pieces, rows), stream, device, p,
+                "neuron-block MLP dX");
 
   auto token_sum = [&](const T* x, const T* y, int64_t m, int64_t n, T* out, int64_t out_m, int64_t out_n) {
     const dim3 grid(pieces(m, LoraGradConfig::BM), pieces(n, LoraGradConfig::BN));
@@ -125,6 +131,9 @@ void backward(const MlpBackwardArgs& a) {
     round(sums + d.neurons, a.db2.ptr<T>(), d.model);
   }
 }
+
+template <typename T, bool B_KMAJOR>
+using MmaWide = mma::Engine<T, 128, B_KMAJOR, kStages>;
 
 }  // namespace neuron_block
 }  // namespace long_exposure

@@ -317,11 +317,22 @@ def check_cuda_kernel(shape, dtype, mask, lora_rank, bias, seed):
         assert_within_twice_reference(ours[name], theirs[name], fp32_grads[name], f"grad {name}", floor=1e-3 * scale)
 
 
+@pytest.fixture(params=["default", "mma"])
+def mlp_kernel(request, monkeypatch):
+    """Each CUDA test runs on the kernels the device gets by default (wgmma on a Hopper) and on the
+    portable mma.sync ones."""
+    if request.param == "mma":
+        monkeypatch.setenv("LONG_EXPOSURE_MLP_KERNEL", "mma")
+    else:
+        monkeypatch.delenv("LONG_EXPOSURE_MLP_KERNEL", raising=False)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_kernels_within_twice_reference_error(shape, density, dtype):
+def test_cuda_kernels_within_twice_reference_error(shape, density, dtype, mlp_kernel):
     g = torch.Generator().manual_seed(5)
     mask = random_mlp_mask(shape[0], shape[2], shape[3], shape[4], density, generator=g)
     check_cuda_kernel(shape, dtype, mask, lora_rank=16, bias=True, seed=hash((shape, density)) % 1000)
@@ -330,13 +341,13 @@ def test_cuda_kernels_within_twice_reference_error(shape, density, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["stripes", "first", "empty_tiles", "last"])
 @pytest.mark.parametrize("lora_rank,bias", [(0, False), (4, True), (8, False)])
-def test_cuda_kernels_on_structured_masks(pattern, lora_rank, bias):
+def test_cuda_kernels_on_structured_masks(pattern, lora_rank, bias, mlp_kernel):
     shape = CUDA_SHAPES[1]
     check_cuda_kernel(shape, torch.bfloat16, structured_mlp_mask(shape, pattern), lora_rank, bias, seed=21)
 
 
 @pytest.mark.gpu
-def test_cuda_kernel_at_model_scale():
+def test_cuda_kernel_at_model_scale(mlp_kernel):
     # Long K loops (d_model 2048, 16 blocks per tile) accumulate the most rounding.
     shape = (512, 2048, 2048, 64, 128)
     mask = random_mlp_mask(shape[0], shape[2], 64, 128, 0.5, generator=torch.Generator().manual_seed(6))

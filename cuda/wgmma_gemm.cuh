@@ -1,0 +1,223 @@
+// Hopper's warpgroup matrix instructions (wgmma, sm_90a only) behind the same chunked-K interface
+// as mma_gemm.cuh, for the products whose speed decides the MLP step: one warpgroup (128 threads)
+// computes a 64 x 128 fp32 accumulator per thread block with wgmma.m64n128k16 reading both
+// operands from shared memory, fed by the same cp.async ring. mma.sync on this chip reaches about
+// a third of the rate cuBLAS gets from wgmma (bench/RESULTS.md), which no tuning of the older
+// instruction closes.
+//
+// Shared layouts are the canonical 128-byte-swizzled ones the descriptors name:
+//   K-major (A always; B when it is K-major): rows of 64 K elements (128 bytes), 16-byte pieces
+//     XOR-swizzled by row % 8, 8-row atoms 1024 bytes apart (mma::SwizzledTile<R, 64>);
+//   MN-major B (the weights read transposed in the backward pass): 64-wide N panels of K rows of
+//     128 bytes, swizzled the same way, panels 64 x 64 elements apart; wgmma transposes on read.
+// Every tile starts on a 1024-byte boundary, as the swizzle pattern is taken from address bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "mma_gemm.cuh"
+
+namespace long_exposure {
+namespace wgmma {
+
+constexpr int kM = 64, kN = 128, kThreads = 128;
+
+// N-panelled MN-major tile: K rows x 128 N, as two 64-wide panels.
+template <int K>
+struct PanelTile {
+  static constexpr int kElements = K * kN;
+  __device__ static __forceinline__ int offset(int k, int n) {
+    return (n >> 6) * (K * 64) + k * 64 + ((((n & 63) >> 3) ^ (k & 7)) << 3) + (n & 7);
+  }
+};
+
+// Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte
+// units), and the 128-byte swizzle mode in bits 62-63.
+__device__ __forceinline__ uint64_t descriptor(const void* p, uint32_t leading_bytes, uint32_t stride_bytes) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  uint64_t desc = (address & 0x3FFFF) >> 4;
+  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
+  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
+  desc |= 1ull << 62;
+  return desc;
+}
+
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// cp.async writes through the generic proxy; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d += A (64 x 16, K-major) @ B (16 x 128)^T; B is K-major or, with TRANS_B, MN-major.
+template <typename T, bool TRANS_B>
+struct Wgmma64x128;
+
+template <>
+struct Wgmma64x128<__nv_bfloat16, false> {
+  __device__ static __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+  }
+};
+template <>
+struct Wgmma64x128<__nv_bfloat16, true> {
+  __device__ static __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+  }
+};
+template <>
+struct Wgmma64x128<__half, false> {
+  __device__ static __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+  }
+};
+template <>
+struct Wgmma64x128<__half, true> {
+  __device__ static __forceinline__ void run(float (&d)[64], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(a), "l"(b), "r"(1));
+  }
+};
+
+// The chunk loop of mma::accumulate on wgmma. Stage i % STAGES holds chunk i; the wgmma of a chunk
+// completes before the barrier that lets its stage be refilled.
+template <typename T, bool B_KMAJOR, int STAGES>
+struct Engine {
+  static constexpr int BN = kN;
+  static constexpr int kThreads = wgmma::kThreads;
+  using ATile = mma::SwizzledTile<kM, mma::kBK>;
+  using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;
+  static constexpr int kStageElements = ATile::kElements + BTile::kElements;
+  // 1 KiB of slack lets the ring start on a 1024-byte boundary wherever the dynamic area begins.
+  static constexpr int shared_bytes() { return STAGES * kStageElements * static_cast<int>(sizeof(T)) + 1024; }
+  static constexpr int kSlots = kN / 8;  // column pairs each thread holds
+  struct Acc {
+    float d[64];
+  };
+
+  __device__ static __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc.d[i] = 0.0f;
+  }
+
+  template <typename GetChunk>
+  __device__ static __forceinline__ void accumulate(Acc& acc, int n_chunks, GetChunk get_chunk, unsigned char* raw) {
+    T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
+    auto stage_a = [&](int s) { return shared + s * kStageElements; };
+    auto stage_b = [&](int s) { return shared + s * kStageElements + ATile::kElements; };
+    auto load = [&](int i) {
+      if (i < n_chunks) {
+        const mma::Chunk<T> c = get_chunk(i);
+        mma::load_tile<T, ATile, true, kM, kThreads>(stage_a(i % STAGES), c.a, c.k0);
+        mma::load_tile<T, BTile, B_KMAJOR, kN, kThreads>(stage_b(i % STAGES), c.b, c.k0);
+      }
+      mma::cp_async_commit();
+    };
+    for (int s = 0; s < STAGES - 1; ++s) load(s);
+    for (int i = 0; i < n_chunks; ++i) {
+      mma::cp_async_wait<STAGES - 2>();
+      fence_proxy();
+      __syncthreads();  // chunk i is visible to the async proxy; chunk i - 1's stage is free
+      load(i + STAGES - 1);
+      const T* a = stage_a(i % STAGES);
+      const T* b = stage_b(i % STAGES);
+      fence();
+#pragma unroll
+      for (int kk = 0; kk < mma::kBK; kk += 16) {
+        // K-major: 16 K elements are 32 bytes along the swizzled row; 8-row atoms 1024 bytes apart.
+        const uint64_t da = descriptor(a + kk, 16, 1024);
+        const uint64_t db = B_KMAJOR ? descriptor(b + kk, 16, 1024)
+                                     // MN-major: 16 K rows of 128 bytes; N panels 64 x 64 elements apart.
+                                     : descriptor(b + kk * 64, mma::kBK * 64 * sizeof(T), 1024);
+        Wgmma64x128<T, !B_KMAJOR>::run(acc.d, da, db);
+      }
+      commit();
+      wait_all();
+    }
+    mma::cp_async_wait<0>();
+    __syncthreads();
+  }
+
+  // f(row, col, v0, v1, slot): the accumulator's element pairs (columns col, col + 1); slot
+  // numbers the thread's column pairs, the same for every row it holds.
+  template <typename F>
+  __device__ static __forceinline__ void for_each_pair(const Acc& acc, F f) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int row = warp * 16 + lane / 4, col = i * 8 + (lane % 4) * 2;
+      f(row, col, acc.d[i * 4], acc.d[i * 4 + 1], i);
+      f(row + 8, col, acc.d[i * 4 + 2], acc.d[i * 4 + 3], i);
+    }
+  }
+  __device__ static __forceinline__ int slot_column(int slot) { return slot * 8 + (threadIdx.x % 4) * 2; }
+};
+
+}  // namespace wgmma
+}  // namespace long_exposure
