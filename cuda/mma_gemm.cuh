@@ -241,7 +241,7 @@ __device__ __forceinline__ void for_each_pair(const float (&acc)[Cfg::MI][Cfg::N
 template <typename T, int BN_, bool B_KMAJOR, int STAGES>
 struct Engine {
   using Cfg = Config<64, BN_, 2, 2, STAGES, true, B_KMAJOR>;
-  static constexpr int BN = BN_;
+  static constexpr int BM = 64, BN = BN_;
   static constexpr int kThreads = Cfg::kThreads;
   static constexpr int kSlots = Cfg::NI;  // column pairs each thread holds
   static constexpr int shared_bytes() { return Cfg::template shared_bytes<T>(); }

@@ -11,8 +11,9 @@
 //             dX:  [dX | dU1][tile] = sum over active blocks of dH[tile, block] @ [W1 | B1][block];
 //             dB1 = dH^T @ U1 and dA2^T = H^T @ dV2: dense over tokens, over H and dH cleared
 //                  outside the mask.
-// One thread block owns 64 tokens (a whole mask tile or a 64-token part of one) and a 64- or
-// 128-wide slice of the output, so a mask tile's block list is the same for all its rows.
+// One thread block owns Engine::BM tokens (64, or 128 where tiles are multiples of 128: a whole
+// mask tile or a part of one) and a 64- or 128-wide slice of the output, so a mask tile's block
+// list is the same for all its rows.
 // H and dH are written on active pairs only; the dense token sums behind dB1 and dA2 need zeros
 // elsewhere, so the launcher clears H or dH first exactly when one of those is asked for.
 #pragma once
@@ -23,7 +24,6 @@
 namespace long_exposure {
 namespace neuron_block {
 
-constexpr int kRows = 64;  // tokens per thread block
 constexpr int kStages = 4;
 
 // The shapes every kernel of one call reads, in elements.
@@ -69,16 +69,16 @@ __device__ __forceinline__ void store_pair(T* out, int64_t ld, int64_t rows, int
 
 using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 
-// The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a 64 x Engine::BN block
+// The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a BM x BN block
 // tile, its accumulator, the chunk loop and the accumulator visitor.
 
-// fc1 over one (64 tokens, BN neurons) piece. grid: (mask slots x block_n / BN, tokens / 64).
+// fc1 over one (BM tokens, BN neurons) piece. grid: (mask slots x block_n / BN, tokens / BM).
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(ForwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
   int64_t n0 = 0;
   if (!active_piece<BN>(d, p.counts, p.indices, m0 / d.tile_m, n0)) return;
   const int64_t rows = d.tokens - m0, cols = min(static_cast<int64_t>(BN), d.neurons - n0);
@@ -120,14 +120,14 @@ struct GatheredK {
   }
 };
 
-// fc2 and its LoRA columns over one (64 tokens, BN outputs) piece. grid.x counts the Y column
+// fc2 and its LoRA columns over one (BM tokens, BN outputs) piece. grid.x counts the Y column
 // pieces first, then the lora2_v ones.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows, rows = d.tokens - m0;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM, rows = d.tokens - m0;
   const int64_t y_pieces = (d.model + BN - 1) / BN;
   const bool is_y = blockIdx.x < y_pieces;
   const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_pieces) * BN;
@@ -156,13 +156,13 @@ __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> 
   });
 }
 
-// dH over one (64 tokens, BN neurons) piece, and its share of db1.
+// dH over one (BM tokens, BN neurons) piece, and its share of db1.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
   int64_t n0 = 0;
   if (!active_piece<BN>(d, p.counts, p.indices, m0 / d.tile_m, n0)) return;
   const int64_t rows = d.tokens - m0, cols = min(static_cast<int64_t>(BN), d.neurons - n0);
@@ -211,13 +211,13 @@ __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> 
   }
 }
 
-// dX and dU1 over one (64 tokens, BN outputs) piece: grid.x counts the dX pieces, then dU1's.
+// dX and dU1 over one (BM tokens, BN outputs) piece: grid.x counts the dX pieces, then dU1's.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) dx_kernel(BackwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRows, rows = d.tokens - m0;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM, rows = d.tokens - m0;
   const int64_t x_pieces = (d.model + BN - 1) / BN;
   const bool is_x = blockIdx.x < x_pieces;
   const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_pieces) * BN;

@@ -37,8 +37,10 @@ inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& ma
               mask.capacity()};
 }
 
+// grid: (width, the token count in pieces of Engine::BM).
 template <typename Engine, typename Kernel, typename Params>
-void launch(Kernel kernel, dim3 grid, cudaStream_t stream, int device, const Params& params, const char* name) {
+void launch(Kernel kernel, unsigned width, cudaStream_t stream, int device, const Params& params, const char* name) {
+  const dim3 grid(width, pieces(params.dims.tokens, Engine::BM));
   if (grid.x == 0 || grid.y == 0) return;
   constexpr int bytes = Engine::shared_bytes();
   reserve_shared_memory(kernel, bytes, device, name);
@@ -50,8 +52,8 @@ void launch(Kernel kernel, dim3 grid, cudaStream_t stream, int device, const Par
 template <typename T, bool B_KMAJOR>
 using NarrowEngine = mma::Engine<T, 64, B_KMAJOR, kStages>;
 
-// Wide<T, B_KMAJOR> is the engine of the 64 x 128 tiles: mma::Engine on any chip, wgmma::Engine
-// on sm_90a (neuron_block_mlp_sm90.cu).
+// Wide<T, B_KMAJOR> is the engine of the 128-wide tiles: mma::Engine on any chip, wgmma::Engine
+// on sm_90a (sm90a/neuron_block_mlp_*.cu).
 template <typename T, template <typename, bool> class Wide>
 void forward_with(const MlpForwardArgs& a) {
   ForwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
@@ -62,17 +64,16 @@ void forward_with(const MlpForwardArgs& a) {
   const Dims& d = p.dims;
   const cudaStream_t stream = stream_of(a.y.stream);
   const int device = a.x.device_index;
-  const unsigned rows = pieces(d.tokens, kRows);
   // dA2 = H^T @ dV2 runs dense over tokens in the backward pass: it needs zeros off the mask.
   if (p.lora2_a && d.tokens * d.neurons > 0)
     check_cuda(cudaMemsetAsync(p.h, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
   using Wide1 = Wide<T, true>;
   if (d.block_n % 128 == 0)
-    launch<Wide1>(fc1_kernel<T, Wide1>, dim3(slot_pieces(d, 128), rows), stream, device, p, "neuron-block MLP fc1");
+    launch<Wide1>(fc1_kernel<T, Wide1>, slot_pieces(d, 128), stream, device, p, "neuron-block MLP fc1");
   else
-    launch<NarrowEngine<T, true>>(fc1_kernel<T, NarrowEngine<T, true>>, dim3(slot_pieces(d, 64), rows), stream,
+    launch<NarrowEngine<T, true>>(fc1_kernel<T, NarrowEngine<T, true>>, slot_pieces(d, 64), stream,
                                   device, p, "neuron-block MLP fc1");
-  launch<Wide1>(fc2_kernel<T, Wide1>, dim3(pieces(d.model, 128) + pieces(d.r2, 128), rows), stream, device, p,
+  launch<Wide1>(fc2_kernel<T, Wide1>, pieces(d.model, 128) + pieces(d.r2, 128), stream, device, p,
                 "neuron-block MLP fc2");
 }
 
@@ -91,18 +92,17 @@ void backward_with(const MlpBackwardArgs& a) {
   if (a.db1.defined() || a.db2.defined())
     check_cuda(cudaMemsetAsync(sums, 0, sizeof(float) * (d.neurons + d.model), stream), "cudaMemsetAsync");
   if (a.db1.defined()) p.db1_sum = sums;
-  const unsigned rows = pieces(d.tokens, kRows);
   // dB1 = dH^T @ U1 runs dense over tokens: it needs zeros off the mask.
   if (a.dlora1_b.defined() && d.tokens * d.neurons > 0)
     check_cuda(cudaMemsetAsync(p.dh, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
   using Wide2 = Wide<T, false>;
   if (d.block_n % 128 == 0)
-    launch<Wide2>(dh_kernel<T, Wide2>, dim3(slot_pieces(d, 128), rows), stream, device, p, "neuron-block MLP dH");
+    launch<Wide2>(dh_kernel<T, Wide2>, slot_pieces(d, 128), stream, device, p, "neuron-block MLP dH");
   else
-    launch<NarrowEngine<T, false>>(dh_kernel<T, NarrowEngine<T, false>>, dim3(slot_pieces(d, 64), rows), stream,
+    launch<NarrowEngine<T, false>>(dh_kernel<T, NarrowEngine<T, false>>, slot_pieces(d, 64), stream,
                                    device, p, "neuron-block MLP dH");
   const unsigned u1_pieces = p.dlora1_u ? pieces(d.r1, 128) : 0;
-  launch<Wide2>(dx_kernel<T, Wide2>, dim3(pieces(d.model, 128) + u1_pieces, rows), stream, device, p,
+  launch<Wide2>(dx_kernel<T, Wide2>, pieces(d.model, 128) + u1_pieces, stream, device, p,
                 "neuron-block MLP dX");
 
   auto token_sum = [&](const T* x, const T* y, int64_t m, int64_t n, T* out, int64_t out_m, int64_t out_n) {

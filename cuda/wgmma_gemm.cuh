@@ -1,7 +1,7 @@
 // Hopper's warpgroup matrix instructions (wgmma, sm_90a only) behind the same chunked-K interface
-// as mma_gemm.cuh, for the products whose speed decides the MLP step: one warpgroup (128 threads)
-// computes a 64 x 128 fp32 accumulator per thread block with wgmma.m64n128k16 reading both
-// operands from shared memory, fed by the same cp.async ring. mma.sync on this chip reaches about
+// as mma_gemm.cuh, for the products whose speed decides the MLP step: each warpgroup (128 threads)
+// computes a 64 x 128 fp32 accumulator with wgmma.m64n128k16 reading both operands from shared
+// memory, fed by the same cp.async ring; one or two warpgroups per thread block. mma.sync on this chip reaches about
 // a third of the rate cuBLAS gets from wgmma (bench/RESULTS.md), which no tuning of the older
 // instruction closes.
 //
@@ -49,6 +49,7 @@ __device__ __forceinline__ uint64_t descriptor(const void* p, uint32_t leading_b
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // cp.async writes through the generic proxy; wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -145,13 +146,18 @@ struct Wgmma64x128<__half, true> {
   }
 };
 
-// The chunk loop of mma::accumulate on wgmma. Stage i % STAGES holds chunk i; the wgmma of a chunk
-// completes before the barrier that lets its stage be refilled.
-template <typename T, bool B_KMAJOR, int STAGES>
+// The chunk loop of mma::accumulate on wgmma, for WG warpgroups stacked along M (a 64 WG x 128
+// block tile; each warpgroup multiplies its 64 rows of A by the shared B). Chunk i sits in stage
+// i % STAGES. Loads run STAGES - 2 chunks ahead and each chunk's wgmma is left in flight while the
+// next is issued (wait_group 1), so the tensor cores do not idle through the barrier and the
+// copies; the stage a load refills belonged to chunk i - 2, whose wgmma every warpgroup finished
+// before the barrier of chunk i.
+template <typename T, bool B_KMAJOR, int STAGES, int WG = 1>
 struct Engine {
-  static constexpr int BN = kN;
-  static constexpr int kThreads = wgmma::kThreads;
-  using ATile = mma::SwizzledTile<kM, mma::kBK>;
+  static_assert(STAGES >= 3, "one stage computing, one in flight, at least one loading");
+  static constexpr int BM = kM * WG, BN = kN;
+  static constexpr int kThreads = wgmma::kThreads * WG;
+  using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;
   static constexpr int kStageElements = ATile::kElements + BTile::kElements;
   // 1 KiB of slack lets the ring start on a 1024-byte boundary wherever the dynamic area begins.
@@ -168,24 +174,27 @@ struct Engine {
 
   template <typename GetChunk>
   __device__ static __forceinline__ void accumulate(Acc& acc, int n_chunks, GetChunk get_chunk, unsigned char* raw) {
+    constexpr int kAhead = STAGES - 2;
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
     auto stage_a = [&](int s) { return shared + s * kStageElements; };
     auto stage_b = [&](int s) { return shared + s * kStageElements + ATile::kElements; };
     auto load = [&](int i) {
       if (i < n_chunks) {
         const mma::Chunk<T> c = get_chunk(i);
-        mma::load_tile<T, ATile, true, kM, kThreads>(stage_a(i % STAGES), c.a, c.k0);
+        mma::load_tile<T, ATile, true, BM, kThreads>(stage_a(i % STAGES), c.a, c.k0);
         mma::load_tile<T, BTile, B_KMAJOR, kN, kThreads>(stage_b(i % STAGES), c.b, c.k0);
       }
-      mma::cp_async_commit();
+      mma::cp_async_commit();  // an empty group keeps the wait count uniform at the tail
     };
-    for (int s = 0; s < STAGES - 1; ++s) load(s);
+    // This warpgroup's 64 rows of the A tile: 64 rows of 128 bytes, 8 swizzle atoms.
+    const int a_rows = (static_cast<int>(threadIdx.x) / wgmma::kThreads) * kM * mma::kBK;
+    for (int s = 0; s < kAhead; ++s) load(s);
     for (int i = 0; i < n_chunks; ++i) {
-      mma::cp_async_wait<STAGES - 2>();
+      mma::cp_async_wait<kAhead - 1>();
       fence_proxy();
-      __syncthreads();  // chunk i is visible to the async proxy; chunk i - 1's stage is free
-      load(i + STAGES - 1);
-      const T* a = stage_a(i % STAGES);
+      __syncthreads();  // chunk i is visible to the async proxy; chunk i - 2's wgmma is done everywhere
+      load(i + kAhead);
+      const T* a = stage_a(i % STAGES) + a_rows;
       const T* b = stage_b(i % STAGES);
       fence();
 #pragma unroll
@@ -198,8 +207,9 @@ struct Engine {
         Wgmma64x128<T, !B_KMAJOR>::run(acc.d, da, db);
       }
       commit();
-      wait_all();
+      wait_one();
     }
+    wait_all();
     mma::cp_async_wait<0>();
     __syncthreads();
   }
@@ -208,7 +218,7 @@ struct Engine {
   // numbers the thread's column pairs, the same for every row it holds.
   template <typename F>
   __device__ static __forceinline__ void for_each_pair(const Acc& acc, F f) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;  // warp w of the block holds rows 16 w..
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       const int row = warp * 16 + lane / 4, col = i * 8 + (lane % 4) * 2;
