@@ -259,6 +259,56 @@ __device__ __forceinline__ int compact_list(int* out, int* out_count, const int3
   return *out_count;
 }
 
+// The key tiles a query block visits, in order: the prefix's tiles, then BLK / BK tiles of each
+// listed key block. The forward and the dQ pass walk the same keys, so they share this.
+template <typename T, int D, int BLK, int BK, int THREADS>
+struct KeyTiles {
+  static constexpr int kPerBlock = BLK / BK;
+  const int* list;  // the query block's compacted key-block list, in shared memory
+  int qb, prefix, seq, n_prefix_tiles, n_tiles;
+  const T *k, *v, *pk, *pv;
+  int64_t k_ss, v_ss, pk_ss, pv_ss;
+
+  // Copies what it needs out of the kernel parameters, which stay in the constant bank.
+  template <typename Params>
+  __device__ KeyTiles(const Params& p, const int* s_list, int n_list, int b, int h, int query_block)
+      : list(s_list), qb(query_block), prefix(p.prefix), seq(p.seq), n_prefix_tiles((p.prefix + BK - 1) / BK),
+        n_tiles(n_prefix_tiles + n_list * kPerBlock), k(p.k.template plane<T>(b, h)),
+        v(p.v.template plane<T>(b, h)), pk(p.pk.data ? p.pk.template plane<T>(b, h) : nullptr),
+        pv(p.pv.data ? p.pv.template plane<T>(b, h) : nullptr), k_ss(p.k.ss), v_ss(p.v.ss), pk_ss(p.pk.ss),
+        pv_ss(p.pv.ss) {}
+
+  // Starts the copy of tile t's keys and values into the shared stages.
+  template <int LDS>
+  __device__ void issue(int t, T* s_k, T* s_v) const {
+    T* dk = s_k + (t & 1) * BK * LDS;
+    T* dv = s_v + (t & 1) * BK * LDS;
+    if (t < n_prefix_tiles) {
+      load_rows<T, BK, D, THREADS>(dk, pk, pk_ss, t * BK, prefix);
+      load_rows<T, BK, D, THREADS>(dv, pv, pv_ss, t * BK, prefix);
+    } else {
+      const int u = t - n_prefix_tiles;
+      const int key0 = list[u / kPerBlock] * BLK + (u % kPerBlock) * BK;
+      load_rows<T, BK, D, THREADS>(dk, k, k_ss, key0, seq);
+      load_rows<T, BK, D, THREADS>(dv, v, v_ss, key0, seq);
+    }
+  }
+
+  // Tile t's first key and the last key each of a thread's two query rows may see: prefix keys
+  // past the prefix length are invisible, and causality applies inside the diagonal block.
+  __device__ void bounds(int t, int i_lo, int i_hi, int& key0, int& limit_lo, int& limit_hi) const {
+    if (t < n_prefix_tiles) {
+      key0 = t * BK;
+      limit_lo = limit_hi = prefix - 1;
+    } else {
+      const int u = t - n_prefix_tiles, kb = list[u / kPerBlock];
+      key0 = kb * BLK + (u % kPerBlock) * BK;
+      limit_lo = kb == qb ? i_lo : 0x7fffffff;
+      limit_hi = kb == qb ? i_hi : 0x7fffffff;
+    }
+  }
+};
+
 // ---- forward ------------------------------------------------------------------------------
 
 struct ForwardParams {
@@ -285,7 +335,6 @@ template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
   using Shape = ForwardShape<D, BLK>;
   constexpr int kBk = Shape::kBk, kLds = Shape::kLds, kThreads = Shape::kThreads;
-  constexpr int kPerBlock = BLK / kBk;
   extern __shared__ __align__(16) unsigned char smem[];
   T* s_q = reinterpret_cast<T*>(smem);
   T* s_k = s_q + BLK * kLds;
@@ -299,29 +348,10 @@ __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
                                   p.capacity, 0, qb);
-  const int n_prefix_tiles = (p.prefix + kBk - 1) / kBk;
-  const int n_tiles = n_prefix_tiles + n_list * kPerBlock;
-
+  const KeyTiles<T, D, BLK, kBk, kThreads> tiles(p, s_list, n_list, b, h, qb);
+  const int n_tiles = tiles.n_tiles;
+  auto issue = [&](int t) { tiles.template issue<kLds>(t, s_k, s_v); };
   const T* q = p.q.plane<T>(b, h);
-  const T* k = p.k.plane<T>(b, h);
-  const T* v = p.v.plane<T>(b, h);
-  const T* pk = p.pk.data ? p.pk.plane<T>(b, h) : nullptr;
-  const T* pv = p.pv.data ? p.pv.plane<T>(b, h) : nullptr;
-
-  // Tile t: the prefix tiles, then kPerBlock tiles of each listed key block.
-  auto issue = [&](int t) {
-    T* dk = s_k + (t & 1) * kBk * kLds;
-    T* dv = s_v + (t & 1) * kBk * kLds;
-    if (t < n_prefix_tiles) {
-      load_rows<T, kBk, D, kThreads>(dk, pk, p.pk.ss, t * kBk, p.prefix);
-      load_rows<T, kBk, D, kThreads>(dv, pv, p.pv.ss, t * kBk, p.prefix);
-    } else {
-      const int u = t - n_prefix_tiles;
-      const int key0 = s_list[u / kPerBlock] * BLK + (u % kPerBlock) * kBk;
-      load_rows<T, kBk, D, kThreads>(dk, k, p.k.ss, key0, p.seq);
-      load_rows<T, kBk, D, kThreads>(dv, v, p.v.ss, key0, p.seq);
-    }
-  };
 
   load_rows<T, BLK, D, kThreads>(s_q, q, p.q.ss, qb * BLK, p.seq);
   if (n_tiles > 0) issue(0);
@@ -345,17 +375,8 @@ __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
     zero(s);
     gemm_abt<T, D, kBk, kLds>(s, qf, s_k + (t & 1) * kBk * kLds);
 
-    // Mask: prefix keys past the prefix length; causality inside the diagonal block.
     int key0, limit_lo, limit_hi;
-    if (t < n_prefix_tiles) {
-      key0 = t * kBk;
-      limit_lo = limit_hi = p.prefix - 1;
-    } else {
-      const int u = t - n_prefix_tiles, kb = s_list[u / kPerBlock];
-      key0 = kb * BLK + (u % kPerBlock) * kBk;
-      limit_lo = kb == qb ? i_lo : 0x7fffffff;
-      limit_hi = kb == qb ? i_hi : 0x7fffffff;
-    }
+    tiles.bounds(t, i_lo, i_hi, key0, limit_lo, limit_hi);
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < kBk / 8; ++nt) {
@@ -518,7 +539,6 @@ template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
   using Shape = DqShape<D, BLK>;
   constexpr int kBk = Shape::kBk, kLds = Shape::kLds, kThreads = Shape::kThreads;
-  constexpr int kPerBlock = BLK / kBk;
   extern __shared__ __align__(16) unsigned char smem[];
   T* s_q = reinterpret_cast<T*>(smem);
   T* s_do = s_q + BLK * kLds;
@@ -532,26 +552,9 @@ __global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
                                   p.capacity, 0, qb);
-  const int n_prefix_tiles = (p.prefix + kBk - 1) / kBk;
-  const int n_tiles = n_prefix_tiles + n_list * kPerBlock;
-
-  const T* k = p.k.plane<T>(b, h);
-  const T* v = p.v.plane<T>(b, h);
-  const T* pk = p.pk.data ? p.pk.plane<T>(b, h) : nullptr;
-  const T* pv = p.pv.data ? p.pv.plane<T>(b, h) : nullptr;
-  auto issue = [&](int t) {
-    T* dk = s_k + (t & 1) * kBk * kLds;
-    T* dv = s_v + (t & 1) * kBk * kLds;
-    if (t < n_prefix_tiles) {
-      load_rows<T, kBk, D, kThreads>(dk, pk, p.pk.ss, t * kBk, p.prefix);
-      load_rows<T, kBk, D, kThreads>(dv, pv, p.pv.ss, t * kBk, p.prefix);
-    } else {
-      const int u = t - n_prefix_tiles;
-      const int key0 = s_list[u / kPerBlock] * BLK + (u % kPerBlock) * kBk;
-      load_rows<T, kBk, D, kThreads>(dk, k, p.k.ss, key0, p.seq);
-      load_rows<T, kBk, D, kThreads>(dv, v, p.v.ss, key0, p.seq);
-    }
-  };
+  const KeyTiles<T, D, BLK, kBk, kThreads> tiles(p, s_list, n_list, b, h, qb);
+  const int n_tiles = tiles.n_tiles;
+  auto issue = [&](int t) { tiles.template issue<kLds>(t, s_k, s_v); };
 
   load_rows<T, BLK, D, kThreads>(s_q, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
   load_rows<T, BLK, D, kThreads>(s_do, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
@@ -586,15 +589,7 @@ __global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
     zero(s);
     gemm_abt<T, D, kBk, kLds>(s, qf, tk);
     int key0, limit_lo, limit_hi;
-    if (t < n_prefix_tiles) {
-      key0 = t * kBk;
-      limit_lo = limit_hi = p.prefix - 1;
-    } else {
-      const int u = t - n_prefix_tiles, kb = s_list[u / kPerBlock];
-      key0 = kb * BLK + (u % kPerBlock) * kBk;
-      limit_lo = kb == qb ? i_lo : 0x7fffffff;
-      limit_hi = kb == qb ? i_hi : 0x7fffffff;
-    }
+    tiles.bounds(t, i_lo, i_hi, key0, limit_lo, limit_hi);
 #pragma unroll
     for (int nt = 0; nt < kBk / 8; ++nt) {
       const int j = key0 + nt * 8 + c;

@@ -10,18 +10,9 @@
 
 #include "cuda_check.cuh"
 #include "long_exposure/mlp.h"
+#include "neuron_block_mlp.cuh"
 
 namespace long_exposure {
-namespace neuron_block {
-template <typename T>
-void forward(const MlpForwardArgs& args);
-template <typename T>
-void backward(const MlpBackwardArgs& args);
-template <typename T>
-void forward_sm90(const MlpForwardArgs& args);
-template <typename T>
-void backward_sm90(const MlpBackwardArgs& args);
-}  // namespace neuron_block
 
 namespace {
 
