@@ -196,3 +196,149 @@ def test_a_gpu_pool_projects_like_a_cpu_pool():
     gpu = PatternPool(16, device="cuda").project(scores.cuda(), 0.9)
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+def score_maps(kind: str, lead: tuple, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Block score maps [*lead, n, n] of a few shapes the greedy meets: ties (equal and inexact
+    values), exact zeros, wide dynamic range, a few dominant blocks, mass above the diagonal."""
+    shape = (*lead, n, n)
+    rand = torch.rand(shape, generator=generator)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    if kind == "skewed":
+        return rand**4
+    if kind == "sparse":  # most blocks exactly zero, and some maps empty
+        maps = rand * (torch.rand(shape, generator=generator) < 0.2)
+        maps.view(-1, n, n)[::3] = 0
+        return maps
+    if kind == "softmax":  # rows are distributions over causal key blocks, as predictors give
+        logits = 4 * torch.randn(shape, generator=generator)
+        return logits.masked_fill(~causal, -math.inf).softmax(-1)
+    if kind == "peaked":  # a few blocks hold nearly everything
+        maps = 1e-6 * rand
+        flat = maps.view(-1, n * n)
+        for row in flat:
+            row[torch.randint(n * n, (3,), generator=generator)] = 1.0
+        return maps
+    if kind == "uniform":  # every atom ties with every other on mass per block
+        return torch.ones(shape)
+    if kind == "quantised":  # ties between sums of inexact values, decided by rounding
+        return 0.1 * torch.randint(0, 4, shape, generator=generator).float()
+    if kind == "structured":  # a sink column, the diagonal, one slash and one stripe, plus noise
+        maps = 1e-3 * rand
+        idx = torch.arange(n)
+        maps[..., :, 0] += 1.0
+        maps[..., idx, idx] += 1.0
+        maps[..., idx[3:], idx[3:] - 3] += 0.5
+        maps[..., :, n // 2] += 0.25
+        return maps
+    if kind == "signed":  # outside the contract (negative, -0, NaN): both sides clamp them to 0
+        maps = torch.randn(shape, generator=generator)
+        maps.view(-1)[::7] = -0.0
+        maps.view(-1)[::11] = math.nan
+        return maps
+    raise ValueError(kind)
+
+
+def assert_same_projection(cpu, gpu):
+    for name, a, b in zip(("selection", "density", "covered"), cpu, gpu):
+        assert b.is_cuda, name
+        assert torch.equal(a, b.cpu()), f"{name} differs between the CPU and CUDA projections"
+
+
+def assert_projection_is_consistent(pool, scores, recall, selection, density, covered):
+    """covered and density describe the selected atoms' union, the diagonal is in, and the recall
+    is met (the default pools hold dense, so every map can be covered)."""
+    n = pool.n_blocks
+    maps = scores.reshape(-1, n, n).double().nan_to_num(0).clamp_min(0)
+    layout, _ = pool.combine(selection.reshape(1, -1, pool.n_words), 16)
+    grid = layout.to_dense().reshape(-1, n, n)
+    causal = torch.ones(n, n, dtype=torch.bool, device=grid.device).tril()
+    total = (maps * causal).sum((-1, -2))
+    mass = torch.where(total > 0, (maps * grid).sum((-1, -2)) / total, 1.0)
+    torch.testing.assert_close(covered.reshape(-1).double(), mass, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(density.reshape(-1).double(), grid.sum((-1, -2)).double() / (n * (n + 1) / 2),
+                               atol=1e-6, rtol=0)
+    assert torch.all(grid.diagonal(dim1=-2, dim2=-1))
+    assert torch.all(covered >= recall - 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recall", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 7, 32, 64, 128])
+@pytest.mark.parametrize(
+    "kind", ["skewed", "sparse", "softmax", "peaked", "uniform", "quantised", "structured", "signed"])
+def test_cuda_projection_equals_cpu(kind, n, recall):
+    g = torch.Generator().manual_seed(1000 * n + int(100 * recall))
+    lead = (3, 4) if n >= 128 else (5, 8)
+    scores = score_maps(kind, lead, n, g)
+    pool = PatternPool(n)
+    cpu = pool.project(scores, recall)
+    gpu = pool.to("cuda").project(scores.cuda(), recall)
+    assert_same_projection(cpu, gpu)
+    # A CPU pool projects CUDA scores on the device, with its tables copied there.
+    assert_same_projection(cpu, pool.project(scores.cuda(), recall))
+    if kind != "signed":
+        assert_projection_is_consistent(pool.to("cuda"), scores.cuda(), recall, *gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "n, atoms",
+    [
+        # fewer atoms than a warp, no dense fallback: the greedy stops when nothing adds mass
+        (16, [Atom.sink(2), Atom.slash(0), Atom.stripe(5), Atom.local(3)]),
+        # more atoms than threads in a block, several selection words, the bitmap path
+        (160, [Atom.local(1)] + [Atom.stripe(c) for c in range(160)] + [Atom.slash(o) for o in range(1, 160)]),
+    ],
+)
+@pytest.mark.parametrize("recall", [0.5, 1.0])
+def test_cuda_projection_equals_cpu_on_other_pools(n, atoms, recall):
+    g = torch.Generator().manual_seed(n)
+    pool = PatternPool(n, atoms)
+    for kind in ("skewed", "structured", "quantised"):
+        scores = score_maps(kind, (6,), n, g)
+        cpu = pool.project(scores, recall)
+        assert_same_projection(cpu, pool.to("cuda").project(scores.cuda(), recall))
+
+
+@pytest.mark.gpu
+def test_cuda_projection_of_many_maps():
+    n = 16
+    g = torch.Generator().manual_seed(5)
+    scores = score_maps("softmax", (4, 8, 40), n, g)
+    pool = PatternPool(n)
+    gpu = pool.to("cuda").project(scores.cuda(), 0.9)
+    assert gpu[0].shape == (4, 8, 40, pool.n_words) and gpu[1].shape == (4, 8, 40)
+    assert_same_projection(pool.project(scores, 0.9), gpu)
+
+
+@pytest.mark.gpu
+def test_cuda_projection_runs_without_host_sync_and_replays_in_a_cuda_graph():
+    n, recall = 32, 0.9
+    g = torch.Generator().manual_seed(11)
+    pool = PatternPool(n, device="cuda")
+    first, second = (score_maps("softmax", (2, 6), n, g).cuda() for _ in range(2))
+    static = first.clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = pool.project(static, recall)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pool.project(static, recall)  # warm-up outside the capture, as torch asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = pool.project(static, recall)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
+    static.copy_(second)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(pool.project(second, recall), captured):
+        assert torch.equal(a, b)
+    assert not torch.equal(eager[0], captured[0]), "new maps should change some selection"

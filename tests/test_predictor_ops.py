@@ -278,6 +278,20 @@ def test_mlp_core_names_a_bad_output_argument():
                               view(counts, "counts"), view(indices, "indices"), view(tile_max, "tile_max"))
 
 
+def test_attention_core_checks_a_workspace_even_where_it_ignores_it():
+    hidden, wq, wk = attention_inputs((2, 16, 8, 2, 4, 8))
+    pooled, scores = torch.empty(2, 2, 8), torch.empty(2, 2, 2, 2)
+    args = [view(hidden, "hidden"), view(wq, "wq"), view(wk, "wk"), 8, view(pooled, "pooled"), view(scores, "scores")]
+    workspace = torch.empty(3, 2, 2, 2, 2, 4)
+    _C.attention_block_scores(*args, view(workspace, "workspace"))
+    assert_close_fp32(scores, reference.attention_block_scores(hidden, wq, wk, 8), "scores")
+    wrong = torch.empty(3, 2, 2, 2, 2, 5)
+    with pytest.raises(ValueError, match=r"workspace has shape \[3, 2, 2, 2, 2, 5\], expected \[3, 2, 2, 2, 2, 4\]"):
+        _C.attention_block_scores(*args, view(wrong, "workspace"))
+    with pytest.raises(ValueError, match="splits >= 1"):
+        _C.attention_block_scores(*args, view(workspace[:0], "workspace"))
+
+
 def test_attention_wrong_dtype_names_the_argument():
     hidden, wq, wk = attention_inputs((2, 16, 8, 2, 4, 8))
     with pytest.raises(TypeError, match="hidden has dtype torch.float16, expected float32 or bfloat16"):
@@ -328,14 +342,38 @@ def test_mlp_cuda_matches_cpu(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES + [(2, 1024, 64, 3, 128, 16)])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES + [(2, 1024, 64, 3, 128, 16), (2, 1024, 256, 8, 16, 64),
+                                                      (3, 1000, 300, 7, 5, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_cuda_matches_cpu(shape, dtype):
-    # The last shape keeps 64 blocks x rank 128 of sketches: more than the default shared memory.
+    # (2, 1024, 64, 3, 128, 16) keeps 64 blocks x rank 128 of sketches: more than the default shared
+    # memory. (2, 1024, 256, 8, 16, 64) is a realistic predictor at small width. (3, 1000, 300, 7, 5,
+    # 24) is ragged for every tile of the sketch product: 126 pooled rows and 70 sketch columns
+    # (tiles of 64), d_model 300 in 3 slices of 112 (K steps of 16), a short last token block.
     inputs = attention_inputs(shape, dtype, seed=shape[1])
     scores = ops.attention_block_scores(*(t.cuda() for t in inputs), shape[-1])
     assert_close_fp32(scores.cpu(), ops.attention_block_scores(*inputs, shape[-1]), "scores")
     assert_causal_rows(scores)
+
+
+@pytest.mark.gpu
+def test_attention_cuda_scores_do_not_depend_on_the_split_count():
+    # One slice of d_model, three of 16 (the shortest), and seven of which four are empty.
+    shape = (2, 100, 40, 3, 5, 16)
+    hidden, wq, wk = (t.cuda() for t in attention_inputs(shape, seed=7))
+    batch, seq, d_model, heads, rank, block = shape
+    n = math.ceil(seq / block)
+    expected = ops.attention_block_scores(hidden.cpu(), wq.cpu(), wk.cpu(), block)
+    pooled = torch.empty(batch, n, d_model, device="cuda")
+    scores = torch.empty(batch, heads, n, n, device="cuda")
+    for splits in (1, 3, 7):
+        workspace = torch.full((splits, batch, n, 2, heads, rank), math.nan, device="cuda")
+        _C.attention_block_scores(view(hidden, "hidden"), view(wq, "wq"), view(wk, "wk"), block,
+                                  view(pooled, "pooled"), view(scores, "scores"), view(workspace, "workspace"))
+        assert_close_fp32(scores.cpu(), expected, f"scores with {splits} splits")
+    with pytest.raises(ValueError, match="workspace is required on CUDA"):
+        _C.attention_block_scores(view(hidden, "hidden"), view(wq, "wq"), view(wk, "wk"), block,
+                                  view(pooled, "pooled"), view(scores, "scores"))
 
 
 @pytest.mark.gpu

@@ -180,13 +180,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention_block_scores",
       [](const TensorView& hidden, const TensorView& wq, const TensorView& wk, int64_t block,
-         const TensorView& pooled, const TensorView& scores) {
+         const TensorView& pooled, const TensorView& scores, const Opt& workspace) {
         AttentionBlockScoresArgs a;
         a.hidden = hidden; a.wq = wq; a.wk = wk; a.block = block; a.pooled = pooled; a.scores = scores;
+        a.workspace = value(workspace);
         attention_block_scores(a);
       },
       py::arg("hidden"), py::arg("wq"), py::arg("wk"), py::arg("block"), py::arg("pooled"),
-      py::arg("scores"), py::call_guard<py::gil_scoped_release>());
+      py::arg("scores"), py::arg("workspace") = py::none(), py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_sketch_splits", &attention_sketch_splits, py::arg("batch"), py::arg("n"),
+        py::arg("heads"), py::arg("rank"), py::arg("d_model"));
 
   m.def("transpose_block_lists", &transpose_block_lists, py::arg("counts"), py::arg("indices"),
         py::arg("out_counts"), py::arg("out_indices"), py::call_guard<py::gil_scoped_release>());

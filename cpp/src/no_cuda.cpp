@@ -29,6 +29,11 @@ void combine_patterns_cuda(const TensorView&, const TensorView&, const TensorVie
   no_cuda();
 }
 
+void project_patterns_cuda(const TensorView&, const TensorView&, int64_t, const TensorView&, double,
+                           const TensorView&, const TensorView&, const TensorView&) {
+  no_cuda();
+}
+
 void mlp_forward_cuda(const MlpForwardArgs&) { no_cuda(); }
 
 void mlp_backward_cuda(const MlpBackwardArgs&) { no_cuda(); }

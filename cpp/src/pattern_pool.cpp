@@ -222,10 +222,19 @@ void project_patterns(const TensorView& lut_counts, const TensorView& lut_indice
   require_dtype(density, "density", DType::kFloat32);
   require_shape(covered, "covered", {G});
   require_dtype(covered, "covered", DType::kFloat32);
+  require(selection.is_contiguous() && density.is_contiguous() && covered.is_contiguous(),
+          "selection, density and covered must be contiguous");
   require(recall >= 0.0 && recall <= 1.0, "recall must lie in [0, 1], got " + std::to_string(recall));
   require(diagonal_atom >= 0 && diagonal_atom < A, "diagonal_atom is not an atom of the pool");
-  for (const TensorView* v : {&lut_counts, &lut_indices, &scores, &selection, &density, &covered})
-    require(v->device == DeviceKind::kCPU, "pattern projection runs on the CPU");
+  for (const TensorView* v : {&lut_indices, &scores, &selection, &density, &covered})
+    require_same_device(*v, "pattern projection argument", lut_counts);
+  if (lut_counts.device == DeviceKind::kCUDA) {
+    // Checking that diagonal_atom covers the diagonal would read the tables back to the host;
+    // the device greedy is well defined without it.
+    project_patterns_cuda(lut_counts, lut_indices, diagonal_atom, scores, recall, selection,
+                          density, covered);
+    return;
+  }
   const int32_t* lc = lut_counts.ptr<const int32_t>();
   const int32_t* li = lut_indices.ptr<const int32_t>();
   for (int64_t r = 0; r < n; ++r) {
@@ -233,6 +242,18 @@ void project_patterns(const TensorView& lut_counts, const TensorView& lut_indice
     require(std::find(list, list + lc[diagonal_atom * n + r], r) != list + lc[diagonal_atom * n + r],
             "diagonal_atom does not cover the diagonal");
   }
+  project_patterns_cpu(lut_counts, lut_indices, diagonal_atom, scores, recall, selection,
+                       density, covered);
+}
+
+void project_patterns_cpu(const TensorView& lut_counts, const TensorView& lut_indices,
+                          int64_t diagonal_atom, const TensorView& scores, double recall,
+                          const TensorView& selection, const TensorView& density,
+                          const TensorView& covered) {
+  const int64_t A = lut_counts.size(0), n = lut_counts.size(1), W = (A + 63) / 64;
+  const int64_t G = scores.size(0);
+  const int32_t* lc = lut_counts.ptr<const int32_t>();
+  const int32_t* li = lut_indices.ptr<const int32_t>();
   const float* score = scores.ptr<const float>();
   uint64_t* sel = selection.ptr<uint64_t>();
   const double causal_blocks = static_cast<double>(n * (n + 1) / 2);

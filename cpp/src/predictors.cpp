@@ -1,5 +1,6 @@
 #include "long_exposure/predictors.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -60,6 +61,27 @@ void check_attention_block_scores_args(const AttentionBlockScoresArgs& a) {
   const int64_t n = ceil_div(seq, a.block);
   require_tensor(a.pooled, "pooled", {batch, n, d}, DType::kFloat32, a.hidden);
   require_tensor(a.scores, "scores", {batch, heads, n, n}, DType::kFloat32, a.hidden);
+  if (a.hidden.device == DeviceKind::kCUDA)
+    require(a.workspace.defined(),
+            "workspace is required on CUDA: a [splits, batch, n, 2, heads, rank] float32 tensor");
+  if (a.workspace.defined()) {
+    require(a.workspace.ndim == 6 && a.workspace.size(0) >= 1,
+            "workspace has shape " + shape_string(a.workspace) +
+                ", expected [splits, batch, n, 2, heads, rank] with splits >= 1");
+    require_tensor(a.workspace, "workspace", {a.workspace.size(0), batch, n, 2, heads, rank},
+                   DType::kFloat32, a.hidden);
+  }
+}
+
+int64_t attention_sketch_splits(int64_t batch, int64_t n, int64_t heads, int64_t rank,
+                                int64_t d_model) {
+  // Mirrors the CUDA product's 64 x 64 output tiles. About 264 thread blocks is two per SM of an
+  // H100/H200 (132 SMs), what the kernel's register budget lets an SM hold at once; slices of at
+  // least 128 keep each thread block's loads and partial-sum writes a small part of its time.
+  constexpr int64_t kTile = 64, kTargetBlocks = 264, kMinSlice = 128;
+  const int64_t tiles = ceil_div(batch * n, kTile) * ceil_div(2 * heads * rank, kTile);
+  if (tiles == 0) return 1;
+  return std::max<int64_t>(1, std::min(ceil_div(kTargetBlocks, tiles), ceil_div(d_model, kMinSlice)));
 }
 
 void mlp_predictor_mask(const MlpPredictorArgs& args) {

@@ -96,6 +96,18 @@ class PatternPool:
         # views once (the pool keeps the tensors alive, so the pointers stay valid).
         self._row_views = (view(self.row_counts, "lut counts"), view(self.row_indices, "lut indices"))
         self._col_views = (view(self.col_counts, "lut counts"), view(self.col_indices, "lut indices"))
+        # Row tables (and their views) on other devices, for projecting scores that live there;
+        # copied on first use, so a captured step finds them in place.
+        self._row_tables_on = {}
+
+    def _row_table_views(self, device: torch.device):
+        if device == self.device:
+            return self._row_views
+        if device not in self._row_tables_on:
+            tables = (self.row_counts.to(device), self.row_indices.to(device))
+            # The tensors stay next to their views, which do not keep them alive.
+            self._row_tables_on[device] = (tables, (view(tables[0], "lut counts"), view(tables[1], "lut indices")))
+        return self._row_tables_on[device][1]
 
     @property
     def device(self) -> torch.device:
@@ -167,8 +179,9 @@ class PatternPool:
         """Cheapest atom set per head covering `recall` of each block score map, greedily.
 
         scores: [..., n, n] non-negative block masses (only the causal part counts). The diagonal
-        is always included. Returns (selection [..., W] int64, density [...], covered [...]) on
-        the scores' device; the projection itself runs on the CPU.
+        is always included. Returns (selection [..., W] int64, density [...], covered [...]),
+        computed on the scores' device; on CUDA it is enqueued with no host synchronisation (the
+        pool's tables are copied to that device on first use if the pool lives elsewhere).
         """
         if self.diagonal_atom is None:
             raise ValueError("projection needs the diagonal in the pool: add Atom.local(1) or Atom.slash(0)")
@@ -177,15 +190,13 @@ class PatternPool:
             raise ValueError(f"scores has shape {list(scores.shape)}, expected [..., {n}, {n}]")
         if not 0.0 <= recall <= 1.0:
             raise ValueError(f"recall must lie in [0, 1], got {recall}")
-        lead = scores.shape[:-2]
-        flat = scores.detach().reshape(-1, n, n).to("cpu", torch.float32).contiguous()
+        lead, device = scores.shape[:-2], scores.device
+        flat = scores.detach().reshape(-1, n, n).to(torch.float32).contiguous()
         G = flat.shape[0]
-        selection = torch.empty(G, self.n_words, dtype=torch.int64)
-        density, covered = torch.empty(G), torch.empty(G)
-        # Named, so that the CPU copies of a GPU pool's tables outlive the views of them.
-        lut_counts, lut_indices = self.row_counts.cpu(), self.row_indices.cpu()
-        _C.project_patterns(view(lut_counts, "lut counts"), view(lut_indices, "lut indices"),
-                            self.diagonal_atom, view(flat, "scores"), float(recall), view(selection, "selection"),
-                            view(density, "density"), view(covered, "covered"))
-        out = (selection.reshape(*lead, self.n_words), density.reshape(lead), covered.reshape(lead))
-        return tuple(t.to(scores.device) for t in out)
+        selection = torch.empty(G, self.n_words, dtype=torch.int64, device=device)
+        density, covered = torch.empty(2, G, device=device)
+        stream = current_stream(device)
+        _C.project_patterns(*self._row_table_views(device), self.diagonal_atom, view(flat, "scores", stream),
+                            float(recall), view(selection, "selection", stream), view(density, "density", stream),
+                            view(covered, "covered", stream))
+        return selection.reshape(*lead, self.n_words), density.reshape(lead), covered.reshape(lead)

@@ -252,6 +252,15 @@ TEST_CASE("bad predictor arguments are refused with the argument named") {
   wrong = q.args();
   wrong.block = 0;
   CHECK_THROWS_CONTRACT(attention_block_scores(wrong), "block must be positive");
+  // The CPU ignores a workspace but still holds it to its contract: [splits, B, n, 2, H, r].
+  std::vector<float> scratch(2 * 1 * 3 * 2 * 2 * 3);
+  wrong = q.args();
+  wrong.workspace = f32(scratch, {2, 1, 3, 2, 2, 3});
+  attention_block_scores(wrong);
+  wrong.workspace = f32(scratch, {2, 1, 3, 2, 3, 2});
+  CHECK_THROWS_CONTRACT(attention_block_scores(wrong), "workspace has shape [2, 1, 3, 2, 3, 2], expected [2, 1, 3, 2, 2, 3]");
+  wrong.workspace = f32(scratch, {2, 1, 3, 2, 6});
+  CHECK_THROWS_CONTRACT(attention_block_scores(wrong), "splits >= 1");
 }
 
 }  // namespace

@@ -76,10 +76,21 @@ void combine_patterns_cuda(const TensorView& lut_counts, const TensorView& lut_i
 // `diagonal_atom` (which must cover the diagonal), each time the atom that adds the most
 // uncovered mass per newly covered block, until the covered share of the map's mass reaches
 // `recall`. Writes selection [G, W] int64, density [G] fp32 (active share of the causal grid)
-// and covered [G] fp32 (share of the mass covered). CPU only.
+// and covered [G] fp32 (share of the mass covered). Ties go to the higher mass, then the lower
+// atom number. Dispatches on the device (all arguments on one); the CUDA version gives the CPU's
+// results bit for bit, runs on the outputs' stream with no host synchronisation, and does not
+// check that diagonal_atom covers the diagonal (that would read the tables back).
 void project_patterns(const TensorView& lut_counts, const TensorView& lut_indices,
                       int64_t diagonal_atom, const TensorView& scores, double recall,
                       const TensorView& selection, const TensorView& density,
                       const TensorView& covered);
+void project_patterns_cpu(const TensorView& lut_counts, const TensorView& lut_indices,
+                          int64_t diagonal_atom, const TensorView& scores, double recall,
+                          const TensorView& selection, const TensorView& density,
+                          const TensorView& covered);
+void project_patterns_cuda(const TensorView& lut_counts, const TensorView& lut_indices,
+                           int64_t diagonal_atom, const TensorView& scores, double recall,
+                           const TensorView& selection, const TensorView& density,
+                           const TensorView& covered);
 
 }  // namespace long_exposure

@@ -50,10 +50,23 @@ struct AttentionBlockScoresArgs {
   // one intermediate shared by all heads.
   TensorView pooled;  // [B, n, d] fp32, n = ceil(S / block)
   TensorView scores;  // [B, H, n, n] fp32
+  // Scratch, required on CUDA and ignored (may be absent) on the CPU; the core never allocates.
+  // The CUDA version computes every head's sketches in one tiled product and, so that a product
+  // this short and wide fills the GPU, splits its model dimension into `splits` slices whose
+  // partial sums land here ([s, b, i, 0, h, :] the Q sketch of slice s, [s, b, i, 1, h, :] the K
+  // sketch) and are added up in a fixed order when scored. Any splits >= 1 gives the same scores
+  // up to fp32 rounding; attention_sketch_splits picks one. Its contents on return are unspecified.
+  TensorView workspace;  // [splits, B, n, 2, H, r] fp32
 };
 
 void mlp_predictor_mask(const MlpPredictorArgs& args);
 void attention_block_scores(const AttentionBlockScoresArgs& args);
+
+// A split count for AttentionBlockScoresArgs::workspace: enough slices of d_model that the sketch
+// product has thread blocks for every SM of a large GPU, none so short that its fixed costs
+// dominate. It depends on the shapes alone, so a shape's scores are the same on every device.
+int64_t attention_sketch_splits(int64_t batch, int64_t n, int64_t heads, int64_t rank,
+                                int64_t d_model);
 
 // Per-device implementations behind the dispatchers above. Arguments are already checked.
 void mlp_predictor_mask_cpu(const MlpPredictorArgs& args);

@@ -51,7 +51,9 @@ def _runs_reference(q, block, op):
     blocks 64, 128; other CUDA calls run the reference (with the once-only warning)."""
     if q.is_cuda and _C.attention_cuda_supports(_DTYPE_CODES[q.dtype], q.shape[-1], block):
         return False
-    return _uses_reference(q.device, op)
+    gap = (f"{q.dtype}, head dim {q.shape[-1]}, block {block} (the kernels take bfloat16/float16, head dims "
+           "64, 80, 128 and blocks 64, 128)")
+    return _uses_reference(q.device, op, gap)
 
 
 def _aligned(t):

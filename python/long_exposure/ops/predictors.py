@@ -112,9 +112,14 @@ def attention_block_scores(hidden: torch.Tensor, wq: torch.Tensor, wk: torch.Ten
     pooled = torch.empty(batch, n, d_model, dtype=torch.float32, device=hidden.device)
     scores = torch.empty(batch, heads, n, n, dtype=torch.float32, device=hidden.device)
     stream = current_stream(hidden.device)
+    workspace = None  # the partial sums of the CUDA kernel's split sketch product; the CPU needs none
+    if hidden.is_cuda:
+        rank = wq.shape[1]
+        splits = _C.attention_sketch_splits(batch, n, heads, rank, d_model)
+        workspace = torch.empty(splits, batch, n, 2, heads, rank, dtype=torch.float32, device=hidden.device)
     _C.attention_block_scores(
         view(hidden, "hidden", stream), view(wq, "wq", stream), view(wk, "wk", stream), block,
-        view(pooled, "pooled", stream), view(scores, "scores", stream),
+        view(pooled, "pooled", stream), view(scores, "scores", stream), view(workspace, "workspace", stream),
     )
     return scores
 
