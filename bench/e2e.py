@@ -1,0 +1,232 @@
+"""A whole fine-tuning step on the GPU: HF transformers + peft (eager attention, SDPA, optionally
+SDPA under torch.compile) against Long Exposure, in one process, at real OPT shapes with random
+weights (or a checkpoint directory), bf16.
+
+Long Exposure runs its predictors every step (their cost is part of the step) and then uses masks
+at a stated density profile: per-layer MLP block densities (the paper's OPT-1.3B profile by
+default, resampled to the model's depth; a sparsity of 1.0 still keeps one block per tile) and one
+attention block density, since random weights give predictors nothing real to find.
+
+    python bench/e2e.py --model 1.3b --seq 512 1024 2048 --method lora_qv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from long_exposure.config import LongExposureConfig
+from long_exposure.exposer import decoder_layers
+from long_exposure.formats import BlockLayout, MlpMask
+from long_exposure.models.opt import Controller, convert, restore
+from long_exposure.pipeline import apply_method
+from long_exposure.predictors import PredictorSet, model_fingerprint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from masks import random_layout  # noqa: E402  (the tests' layouts, so both exercise the same thing)
+
+OPT_SHAPES = {  # hidden, layers, heads, ffn
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096, word_embed_proj_dim=512,
+                 do_layer_norm_before=False),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+    "2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240),
+}
+# MLP block sparsity per layer of OPT-1.3B as the paper reports it.
+DEVICE = "cuda"
+PAPER_PROFILE = [0.52, 0.86, 0.95, 0.97, 1.0, 1.0, 0.84, 0.94, 0.75, 0.72, 0.80, 0.81, 0.70, 0.63, 0.72, 0.69, 0.64,
+                 0.63, 0.55, 0.66, 0.73, 0.75, 0.63, 0.59]
+
+
+def resampled(profile: list[float], layers: int) -> list[float]:
+    return [profile[min(len(profile) - 1, int(i * len(profile) / layers))] for i in range(layers)]
+
+
+@dataclass
+class ProfileController(Controller):
+    """Runs the predictors (their cost stays in the step), then hands out the profile's masks."""
+
+    mlp_density: list[float] = field(default_factory=list)
+    attn_density: float = 0.25
+    _profile: dict = field(default_factory=dict)
+    predictor_events: list = field(default_factory=list)
+
+    def _timed(self, fn):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        self.predictor_events.append((start, stop))
+
+    def mlp_mask(self, index, x, n_neurons):
+        cfg = self.config
+        self._timed(lambda: self.predictors.mlp[index].mask(x, cfg.tile_m, cfg.block_n))
+        key = ("mlp", index, x.shape[0])
+        if key not in self._profile:
+            n_tiles, n_blocks = math.ceil(x.shape[0] / cfg.tile_m), math.ceil(n_neurons / cfg.block_n)
+            g = torch.Generator().manual_seed(index)
+            active = torch.rand(n_tiles, n_blocks, generator=g) < self.mlp_density[index]
+            active[torch.arange(n_tiles), torch.randint(0, n_blocks, (n_tiles,), generator=g)] = True
+            self._profile[key] = MlpMask.from_dense(active, cfg.tile_m, cfg.block_n).to(x.device)
+        mask = self._profile[key]
+        self.densities[(index, "mlp")] = mask.density(math.ceil(n_neurons / self.config.block_n))
+        return mask
+
+    def attention_layout(self, index, hidden, heads):
+        from long_exposure.pool import PatternPool
+
+        cfg = self.config
+        S = hidden.shape[1]
+        n = math.ceil(S / cfg.attn_block)
+        if n not in self._pools:
+            self._pools[n] = PatternPool(n, device=hidden.device)
+        self._timed(lambda: self.predictors.attn[index].layout(hidden, self._pools[n], cfg.attn_coverage))
+        key = ("attention", index, S)
+        if key not in self._profile:
+            # Off-diagonal blocks drawn so that the causal grid's density lands on attn_density.
+            causal = n * (n + 1) / 2
+            p = max(0.0, (self.attn_density * causal - n) / max(1.0, causal - n))
+            g = torch.Generator().manual_seed(1000 + index)
+            self._profile[key] = random_layout(1, heads, S, cfg.attn_block, p, generator=g).to(hidden.device)
+        layout = self._profile[key]
+        self.densities[(index, "attention")] = layout.density()
+        return layout
+
+
+def build_model(name: str, checkpoint: str | None, attn: str):
+    import transformers
+
+    if checkpoint:
+        model = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.bfloat16).cuda()
+    else:
+        config = transformers.OPTConfig(vocab_size=50272, max_position_embeddings=2048, dropout=0.0,
+                                        attention_dropout=0.0, activation_function="relu", **OPT_SHAPES[name])
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = transformers.OPTForCausalLM(config).to(torch.bfloat16)
+    model.config._attn_implementation = attn
+    return model
+
+
+def time_steps(model, ids, steps: int, warmup: int, controller=None) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times = {"forward": [], "backward": [], "optimizer": [], "step": [], "predictor": []}
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        if controller is not None:
+            controller.predictor_events.clear()
+        events[0].record()
+        loss = model(input_ids=ids, labels=ids).loss
+        events[1].record()
+        loss.backward()
+        events[2].record()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        events[3].record()
+        torch.cuda.synchronize()
+        if i < warmup:
+            continue
+        for name, (a, b) in zip(("forward", "backward", "optimizer"), zip(events, events[1:])):
+            times[name].append(a.elapsed_time(b))
+        times["step"].append(events[0].elapsed_time(events[3]))
+        if controller is not None:
+            times["predictor"].append(sum(a.elapsed_time(b) for a, b in controller.predictor_events))
+    out = {k: statistics.median(v) if v else 0.0 for k, v in times.items()}
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["loss"] = loss.item()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(OPT_SHAPES), default="1.3b")
+    parser.add_argument("--checkpoint", help="a local OPT checkpoint directory instead of random weights")
+    parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--method", default="lora_qv",
+                        choices=["lora_qv", "lora_all", "bitfit", "bottleneck", "prefix"])
+    parser.add_argument("--baselines", nargs="+", default=["eager", "sdpa"], choices=["eager", "sdpa", "compile"])
+    parser.add_argument("--attn-density", type=float, default=0.25)
+    parser.add_argument("--mlp-density", type=float, help="one MLP block density for every layer instead of "
+                        "the paper's OPT-1.3B profile")
+    parser.add_argument("--tile-m", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--plot", help="PNG of the speedup over each baseline against sequence length")
+    args = parser.parse_args()
+    layers = OPT_SHAPES[args.model]["num_hidden_layers"]
+    mlp_density = ([args.mlp_density] * layers if args.mlp_density is not None
+                   else [1.0 - s for s in resampled(PAPER_PROFILE, layers)])
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, OPT-{args.model} "
+          f"({'checkpoint' if args.checkpoint else 'random weights'}), {args.method}, batch {args.batch}, bf16; "
+          f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
+    print("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | speedup vs eager | vs SDPA | vs compile |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    speedups: dict[str, list[tuple[int, float]]] = {}
+    vocab = 50000
+    for seq in args.seq:
+        ids = torch.randint(0, vocab, (args.batch, seq), device=DEVICE,
+                            generator=torch.Generator(DEVICE).manual_seed(seq))
+        results = {}
+        for system in args.baselines + ["long_exposure"]:
+            attn = "eager" if system == "eager" else "sdpa"
+            model = apply_method(build_model(args.model, args.checkpoint, attn), args.method)
+            controller = None
+            if system == "long_exposure":
+                config = LongExposureConfig(tile_m=args.tile_m, block_n=128, attn_block=64)
+                predictors = PredictorSet(config, model_fingerprint(model)).to(DEVICE, torch.bfloat16)
+                controller = ProfileController(config, predictors, "sparse", mlp_density=mlp_density,
+                                               attn_density=args.attn_density)
+                convert(model, config, predictors=predictors, mode="sparse")
+                # convert made its own Controller; the layers read the one in their state.
+                for layer in decoder_layers(model):
+                    layer._long_exposure.controller = controller
+            runner = torch.compile(model) if system == "compile" else model
+            try:
+                results[system] = r = time_steps(runner, ids, args.steps, args.warmup, controller)
+            except torch.cuda.OutOfMemoryError:
+                results[system] = None
+                print(f"| {seq} | {system} | out of memory | | | | | | |")
+            if system == "long_exposure":
+                restore(model)
+            del model, runner
+            torch.cuda.empty_cache()
+        le = results.get("long_exposure")
+        for system, r in results.items():
+            if r is None:
+                continue
+            ratios = [f"{results[b]['step'] / r['step']:.2f}x" if results.get(b) and system == "long_exposure" else ""
+                      for b in ("eager", "sdpa", "compile")]
+            print(f"| {seq} | {system} | {r['step']:.1f} | {r['forward']:.1f} / {r['backward']:.1f} / "
+                  f"{r['optimizer']:.1f} | {r['predictor']:.2f} | {r['peak_gib']:.1f} | {' | '.join(ratios)} |")
+        if le:
+            for b in args.baselines:
+                if results.get(b):
+                    speedups.setdefault(b, []).append((seq, results[b]["step"] / le["step"]))
+    if args.plot and speedups:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for b, points in speedups.items():
+            ax.plot(*zip(*points), marker="o", label=f"over HF + peft, {b}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("step speedup")
+        ax.set_title(f"Long Exposure, OPT-{args.model}, {args.method}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
