@@ -55,8 +55,12 @@ class ProfileController(Controller):
     attn_density: float = 0.25
     _profile: dict = field(default_factory=dict)
     predictor_events: list = field(default_factory=list)
+    time_predictors: bool = True
 
     def _timed(self, fn):
+        if not self.time_predictors:  # inside a CUDA graph capture: no timing events
+            fn()
+            return
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -144,6 +148,44 @@ def time_steps(model, ids, steps: int, warmup: int, controller=None) -> dict:
     return out
 
 
+def time_graphed_steps(model, ids, steps: int, controller=None) -> dict:
+    """The same step captured once in a CUDA graph and replayed: no host work between kernels
+    (a capturable AdamW; the batch would be copied into `ids` before each replay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=True)
+    if controller is not None:
+        controller.time_predictors = False
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    times = []
+    for _ in range(steps + 2):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return {"step": statistics.median(times[2:]), "forward": float("nan"), "backward": float("nan"),
+            "optimizer": float("nan"), "predictor": float("nan"),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(OPT_SHAPES), default="1.3b")
@@ -160,6 +202,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--plot", help="PNG of the speedup over each baseline against sequence length")
+    parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
+                        "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
     args = parser.parse_args()
     layers = OPT_SHAPES[args.model]["num_hidden_layers"]
     mlp_density = ([args.mlp_density] * layers if args.mlp_density is not None
@@ -175,11 +219,12 @@ def main() -> None:
         ids = torch.randint(0, vocab, (args.batch, seq), device=DEVICE,
                             generator=torch.Generator(DEVICE).manual_seed(seq))
         results = {}
-        for system in args.baselines + ["long_exposure"]:
+        systems = args.baselines + ["long_exposure"] + (["sdpa+graph", "long_exposure+graph"] if args.graph else [])
+        for system in systems:
             attn = "eager" if system == "eager" else "sdpa"
             model = apply_method(build_model(args.model, args.checkpoint, attn), args.method)
             controller = None
-            if system == "long_exposure":
+            if system.startswith("long_exposure"):
                 config = LongExposureConfig(tile_m=args.tile_m, block_n=128, attn_block=64)
                 predictors = PredictorSet(config, model_fingerprint(model)).to(DEVICE, torch.bfloat16)
                 controller = ProfileController(config, predictors, "sparse", mlp_density=mlp_density,
@@ -190,20 +235,26 @@ def main() -> None:
                     layer._long_exposure.controller = controller
             runner = torch.compile(model) if system == "compile" else model
             try:
-                results[system] = r = time_steps(runner, ids, args.steps, args.warmup, controller)
-            except torch.cuda.OutOfMemoryError:
+                if system.endswith("+graph"):
+                    results[system] = time_graphed_steps(runner, ids, args.steps, controller)
+                else:
+                    results[system] = time_steps(runner, ids, args.steps, args.warmup, controller)
+            except Exception as error:  # noqa: BLE001  (out of memory, or a step that cannot be captured)
                 results[system] = None
-                print(f"| {seq} | {system} | out of memory | | | | | | |")
-            if system == "long_exposure":
+                print(f"| {seq} | {system} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | | |")
+            if system.startswith("long_exposure"):
                 restore(model)
             del model, runner
             torch.cuda.empty_cache()
         le = results.get("long_exposure")
+        if results.get("sdpa+graph") and results.get("long_exposure+graph"):
+            ratio = results["sdpa+graph"]["step"] / results["long_exposure+graph"]["step"]
+            print(f"| {seq} | both in CUDA graphs | long_exposure+graph is {ratio:.2f}x sdpa+graph | | | | | | |")
         for system, r in results.items():
             if r is None:
                 continue
-            ratios = [f"{results[b]['step'] / r['step']:.2f}x" if results.get(b) and system == "long_exposure" else ""
-                      for b in ("eager", "sdpa", "compile")]
+            ratios = [f"{results[b]['step'] / r['step']:.2f}x" if results.get(b) and system.startswith("long_exposure")
+                      else "" for b in ("eager", "sdpa", "compile")]
             print(f"| {seq} | {system} | {r['step']:.1f} | {r['forward']:.1f} / {r['backward']:.1f} / "
                   f"{r['optimizer']:.1f} | {r['predictor']:.2f} | {r['peak_gib']:.1f} | {' | '.join(ratios)} |")
         if le:
