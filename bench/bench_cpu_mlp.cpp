@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
     fa.mask = MlpMask{view(counts, {n_tiles}, DType::kInt32), view(indices, {n_tiles, n_blocks}, DType::kInt32), tm, bn};
     fa.y = view(y, {T, d}, DType::kFloat32); fa.h = view(h, {T, F}, DType::kFloat32);
     MlpBackwardArgs ba;
-    ba.dy = view(dy, {T, d}, DType::kFloat32); ba.x = fa.x; ba.w1 = fa.w1; ba.w2 = fa.w2; ba.h = fa.h;
+    ba.dy = view(dy, {T, d}, DType::kFloat32); ba.w1 = fa.w1; ba.w2 = fa.w2; ba.h = fa.h;
     ba.mask = fa.mask; ba.dx = view(dx, {T, d}, DType::kFloat32); ba.db1 = view(db1, {F}, DType::kFloat32);
     mlp_forward(fa);
     mlp_backward(ba);  // warm-up

@@ -176,7 +176,7 @@ int main() {
       fa.h = device_view(h, DType::kBFloat16, {T, F});
       MlpBackwardArgs ba;
       ba.dy = device_view(dy, DType::kBFloat16, {T, d});
-      ba.x = fa.x, ba.w1 = fa.w1, ba.w2 = fa.w2, ba.h = fa.h, ba.mask = fa.mask;
+      ba.w1 = fa.w1, ba.w2 = fa.w2, ba.h = fa.h, ba.mask = fa.mask;
       ba.dx = device_view(dx, DType::kBFloat16, {T, d});
       ba.dh_workspace = device_view(dh, DType::kBFloat16, {T, F});
       ba.sum_workspace = device_view(sums, DType::kFloat32, {F + d});

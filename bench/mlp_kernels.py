@@ -83,7 +83,7 @@ def main() -> None:
             _, h, _ = forward()
 
             def backward():
-                ops.mlp_backward(dy, None, x.detach(), w1, w2, h, mask.counts, mask.indices, mask.tile_m,
+                ops.mlp_backward(dy, None, w1, w2, h, mask.counts, mask.indices, mask.tile_m,
                                  mask.block_n, None, None, None, False, False, False, False)
 
             ms, fwd_ms, bwd_ms = cuda_ms(ours), cuda_ms(forward), cuda_ms(backward)

@@ -78,16 +78,16 @@ void mlp_forward_cuda(const MlpForwardArgs& a) {
 }
 
 void mlp_backward_cuda(const MlpBackwardArgs& a) {
-  require_kernel_shapes(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a);
+  require_kernel_shapes(a.dy, a.w1, a.mask, a.lora1_u, a.lora2_a);
   require(a.dh_workspace.defined() && a.sum_workspace.defined(),
           "the CUDA neuron-block MLP backward needs dh_workspace and sum_workspace");
   for (auto [v, name] : {std::pair{&a.dy, "dy"}, {&a.dlora2_v, "dlora2_v"}, {&a.w1, "w1"}, {&a.w2, "w2"},
                          {&a.h, "h"}, {&a.lora1_u, "lora1_u"}, {&a.lora1_b, "lora1_b"}, {&a.lora2_a, "lora2_a"},
                          {&a.dx, "dx"}, {&a.dlora1_u, "dlora1_u"}, {&a.dh_workspace, "dh_workspace"}})
     require_aligned(*v, name);
-  DeviceGuard guard(a.x.device_index);
-  const bool hopper = use_wgmma(a.x.device_index);
-  dispatch(a.x.dtype, [&](auto* tag) {
+  DeviceGuard guard(a.dy.device_index);
+  const bool hopper = use_wgmma(a.dy.device_index);
+  dispatch(a.dy.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     hopper ? neuron_block::backward_sm90<T>(a) : neuron_block::backward<T>(a);
   });

@@ -25,6 +25,7 @@ T* out_or_null(const TensorView& v) {
   return v.defined() ? v.ptr<T>() : nullptr;
 }
 
+// x: the forward's input, or dy in the backward (the same [T, d]).
 inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& mask, const TensorView& lora1_u,
                     const TensorView& lora2_a) {
   return Dims{x.size(0),
@@ -79,7 +80,7 @@ void forward_with(const MlpForwardArgs& a) {
 
 template <typename T, template <typename, bool> class Wide>
 void backward_with(const MlpBackwardArgs& a) {
-  BackwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
+  BackwardParams<T> p{dims_of(a.dy, a.w1, a.mask, a.lora1_u, a.lora2_a),
                       a.dy.ptr<const T>(), ptr_or_null<T>(a.dlora2_v), a.w1.ptr<const T>(), a.w2.ptr<const T>(),
                       a.h.ptr<const T>(), ptr_or_null<T>(a.lora1_u), ptr_or_null<T>(a.lora1_b),
                       ptr_or_null<T>(a.lora2_a), a.mask.counts.ptr<const int32_t>(),
@@ -87,7 +88,7 @@ void backward_with(const MlpBackwardArgs& a) {
                       out_or_null<T>(a.dlora1_u), nullptr};
   const Dims& d = p.dims;
   const cudaStream_t stream = stream_of(a.dx.stream);
-  const int device = a.x.device_index;
+  const int device = a.dy.device_index;
   float* sums = a.sum_workspace.ptr<float>();  // db1's sums, then db2's
   if (a.db1.defined() || a.db2.defined())
     check_cuda(cudaMemsetAsync(sums, 0, sizeof(float) * (d.neurons + d.model), stream), "cudaMemsetAsync");

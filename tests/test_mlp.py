@@ -141,8 +141,7 @@ def test_opcheck(lora):
             mask.tile_m, mask.block_n, inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"])
     torch.library.opcheck(ops.mlp_forward, args)
     y, h, v2 = ops.mlp_forward(*args)
-    back = (torch.randn_like(y), torch.randn_like(v2) if lora else None, inputs["x"].detach(), inputs["w1"],
-            inputs["w2"], h, mask.counts, mask.indices, mask.tile_m, mask.block_n,
+    back = (torch.randn_like(y), torch.randn_like(v2) if lora else None, inputs["w1"], inputs["w2"], h, mask.counts, mask.indices, mask.tile_m, mask.block_n,
             *(t.detach() if t is not None else None for t in (inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"])),
             True, True, lora, lora)
     torch.library.opcheck(ops.mlp_backward, back)
@@ -231,14 +230,14 @@ def test_mask_count_matches_density():
 @pytest.mark.parametrize("lora", [True, False])
 def test_backward_op_equals_the_reference_backward(lora):
     inputs, mask = make_inputs((37, 16, 72, 8, 16), torch.float32, 0.5, seed=11, lora=lora, requires_grad=False)
-    x, w1, w2 = inputs["x"], inputs["w1"], inputs["w2"]
+    w1, w2 = inputs["w1"], inputs["w2"]
     _, h, v2 = run_op(inputs, mask)
     g = torch.Generator().manual_seed(12)
     dy, dv2 = torch.randn(37, 16, generator=g), torch.randn(v2.shape, generator=g)
     lora_args = (inputs["lora1_u"], inputs["lora1_b"], inputs["lora2_a"])
-    ours = ops.mlp_backward(dy, dv2 if lora else None, x, w1, w2, h, mask.counts, mask.indices, 8, 16, *lora_args,
+    ours = ops.mlp_backward(dy, dv2 if lora else None, w1, w2, h, mask.counts, mask.indices, 8, 16, *lora_args,
                             True, True, lora, lora)
-    theirs = reference.neuron_block_mlp_backward(dy, dv2 if lora else None, x, w1, w2, h, mask.counts, mask.indices,
+    theirs = reference.neuron_block_mlp_backward(dy, dv2 if lora else None, w1, w2, h, mask.counts, mask.indices,
                                                  8, 16, *lora_args)
     for name, a, b in zip(("dx", "db1", "db2", "dlora1_u", "dlora1_b", "dlora2_a"), ours, theirs):
         if b is None:

@@ -84,14 +84,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "mlp_backward",
-      [](const TensorView& dy, const Opt& dlora2_v, const TensorView& x, const TensorView& w1,
+      [](const TensorView& dy, const Opt& dlora2_v, const TensorView& w1,
          const TensorView& w2, const TensorView& h, const TensorView& counts,
          const TensorView& indices, int64_t tile_m, int64_t block_n, const Opt& lora1_u,
          const Opt& lora1_b, const Opt& lora2_a, const TensorView& dx, const Opt& db1,
          const Opt& db2, const Opt& dlora1_u, const Opt& dlora1_b, const Opt& dlora2_a,
          const Opt& dh_workspace, const Opt& sum_workspace) {
         MlpBackwardArgs a;
-        a.dy = dy; a.dlora2_v = value(dlora2_v); a.x = x; a.w1 = w1; a.w2 = w2; a.h = h;
+        a.dy = dy; a.dlora2_v = value(dlora2_v); a.w1 = w1; a.w2 = w2; a.h = h;
         a.mask = MlpMask{counts, indices, tile_m, block_n};
         a.lora1_u = value(lora1_u); a.lora1_b = value(lora1_b); a.lora2_a = value(lora2_a);
         a.dx = dx; a.db1 = value(db1); a.db2 = value(db2);

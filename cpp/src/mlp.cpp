@@ -24,18 +24,19 @@ struct MlpDims {
   int64_t tokens, model, neurons, r1, r2;
 };
 
-MlpDims check_common(const TensorView& x, const TensorView& w1, const TensorView& w2,
+// `x` is the forward's input, or dy for the backward (same shape, dtype and device); `x_name` names it.
+MlpDims check_common(const TensorView& x, const char* x_name, const TensorView& w1, const TensorView& w2,
                      const MlpMask& mask, const TensorView& lora1_u, const TensorView& lora1_b,
                      const TensorView& lora2_a) {
-  require(x.defined() && x.ndim == 2, "x must have shape [tokens, d_model]");
-  require(is_float_dtype(x.dtype, x.device), std::string("x has dtype ") + dtype_name(x.dtype) +
+  require(x.defined() && x.ndim == 2, std::string(x_name) + " must have shape [tokens, d_model]");
+  require(is_float_dtype(x.dtype, x.device), std::string(x_name) + " has dtype " + dtype_name(x.dtype) +
                                                  ", expected float32, float64 or bfloat16 (or float16 on CUDA)");
   MlpDims dims{x.size(0), x.size(1), 0, 0, 0};
   require(w1.defined() && w1.ndim == 2, "w1 (fc1 weight) must have shape [d_ffn, d_model]");
   dims.neurons = w1.size(0);
   require_shape(w1, "w1 (fc1 weight)", {dims.neurons, dims.model});
   require_shape(w2, "w2 (fc2 weight)", {dims.model, dims.neurons});
-  require_like(x, "x", x);
+  require_like(x, x_name, x);
   require_like(w1, "w1 (fc1 weight)", x);
   require_like(w2, "w2 (fc2 weight)", x);
   require(lora1_u.defined() == lora1_b.defined(), "lora1_u and lora1_b come together");
@@ -62,7 +63,7 @@ MlpDims check_common(const TensorView& x, const TensorView& w1, const TensorView
 }  // namespace
 
 void check_mlp_forward_args(const MlpForwardArgs& a) {
-  MlpDims dims = check_common(a.x, a.w1, a.w2, a.mask, a.lora1_u, a.lora1_b, a.lora2_a);
+  MlpDims dims = check_common(a.x, "x", a.w1, a.w2, a.mask, a.lora1_u, a.lora1_b, a.lora2_a);
   if (a.b1.defined()) require_shape(a.b1, "b1 (fc1 bias)", {dims.neurons});
   if (a.b2.defined()) require_shape(a.b2, "b2 (fc2 bias)", {dims.model});
   require_like(a.b1, "b1 (fc1 bias)", a.x);
@@ -79,41 +80,39 @@ void check_mlp_forward_args(const MlpForwardArgs& a) {
 }
 
 void check_mlp_backward_args(const MlpBackwardArgs& a) {
-  MlpDims dims = check_common(a.x, a.w1, a.w2, a.mask, a.lora1_u, a.lora1_b, a.lora2_a);
-  require_shape(a.dy, "dy", {dims.tokens, dims.model});
-  require_like(a.dy, "dy", a.x);
+  MlpDims dims = check_common(a.dy, "dy", a.w1, a.w2, a.mask, a.lora1_u, a.lora1_b, a.lora2_a);
   require_shape(a.h, "h", {dims.tokens, dims.neurons});
-  require_like(a.h, "h", a.x);
+  require_like(a.h, "h", a.dy);
   if (a.dlora2_v.defined()) {
     require(a.lora2_a.defined(), "dlora2_v needs lora2_a");
     require_shape(a.dlora2_v, "dlora2_v", {dims.tokens, dims.r2});
-    require_like(a.dlora2_v, "dlora2_v", a.x);
+    require_like(a.dlora2_v, "dlora2_v", a.dy);
   }
   require_shape(a.dx, "dx", {dims.tokens, dims.model});
-  require_like(a.dx, "dx", a.x);
+  require_like(a.dx, "dx", a.dy);
   if (a.db1.defined()) require_shape(a.db1, "db1", {dims.neurons});
   if (a.db2.defined()) require_shape(a.db2, "db2", {dims.model});
-  require_like(a.db1, "db1", a.x);
-  require_like(a.db2, "db2", a.x);
+  require_like(a.db1, "db1", a.dy);
+  require_like(a.db2, "db2", a.dy);
   if (a.dlora1_u.defined() || a.dlora1_b.defined())
     require(a.lora1_u.defined(), "dlora1_u and dlora1_b need lora1_u and lora1_b");
   if (a.dlora1_u.defined()) require_shape(a.dlora1_u, "dlora1_u", {dims.tokens, dims.r1});
   if (a.dlora1_b.defined()) require_shape(a.dlora1_b, "dlora1_b", {dims.neurons, dims.r1});
-  require_like(a.dlora1_u, "dlora1_u", a.x);
-  require_like(a.dlora1_b, "dlora1_b", a.x);
+  require_like(a.dlora1_u, "dlora1_u", a.dy);
+  require_like(a.dlora1_b, "dlora1_b", a.dy);
   if (a.dlora2_a.defined()) {
     require(a.lora2_a.defined(), "dlora2_a needs lora2_a");
     require_shape(a.dlora2_a, "dlora2_a", {dims.r2, dims.neurons});
-    require_like(a.dlora2_a, "dlora2_a", a.x);
+    require_like(a.dlora2_a, "dlora2_a", a.dy);
   }
   if (a.dh_workspace.defined()) {
     require_shape(a.dh_workspace, "dh_workspace", {dims.tokens, dims.neurons});
-    require_like(a.dh_workspace, "dh_workspace", a.x);
+    require_like(a.dh_workspace, "dh_workspace", a.dy);
   }
   if (a.sum_workspace.defined()) {
     require_shape(a.sum_workspace, "sum_workspace", {dims.neurons + dims.model});
     require_dtype(a.sum_workspace, "sum_workspace", DType::kFloat32);
-    require_same_device(a.sum_workspace, "sum_workspace", a.x);
+    require_same_device(a.sum_workspace, "sum_workspace", a.dy);
   }
 }
 
@@ -129,7 +128,7 @@ void mlp_forward(const MlpForwardArgs& args) {
 
 void mlp_backward(const MlpBackwardArgs& args) {
   check_mlp_backward_args(args);
-  if (args.x.device == DeviceKind::kCPU) {
+  if (args.dy.device == DeviceKind::kCPU) {
     check_mlp_mask_contents(args.mask, ceil_div(args.w1.size(0), args.mask.block_n));
     mlp_backward_cpu(args);
   } else {

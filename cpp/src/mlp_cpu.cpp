@@ -91,7 +91,7 @@ void forward(const MlpForwardArgs& a) {
 template <typename T>
 void backward(const MlpBackwardArgs& a) {
   using Acc = typename Accumulator<T>::type;
-  const int64_t tokens = a.x.size(0), d = a.x.size(1), F = a.w1.size(0);
+  const int64_t tokens = a.dy.size(0), d = a.dy.size(1), F = a.w1.size(0);
   const int64_t tm = a.mask.tile_m, bn = a.mask.block_n, cap = a.mask.capacity();
   const int64_t r1 = a.lora1_u.defined() ? a.lora1_u.size(1) : 0;
   const int64_t r2 = a.lora2_a.defined() ? a.lora2_a.size(0) : 0;
@@ -202,7 +202,7 @@ void mlp_forward_cpu(const MlpForwardArgs& args) {
 }
 
 void mlp_backward_cpu(const MlpBackwardArgs& args) {
-  dispatch_float(args.x.dtype, "mlp_backward", [&](auto tag) { backward<decltype(tag)>(args); });
+  dispatch_float(args.dy.dtype, "mlp_backward", [&](auto tag) { backward<decltype(tag)>(args); });
 }
 
 }  // namespace long_exposure

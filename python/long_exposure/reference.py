@@ -114,12 +114,13 @@ def attention_block_scores(hidden, wq, wk, block: int) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
 
 
-def neuron_block_mlp_backward(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_m, block_n,
+def neuron_block_mlp_backward(dy, dlora2_v, w1, w2, h, counts, indices, tile_m, block_n,
                               lora1_u=None, lora1_b=None, lora2_a=None):
     """(dx, db1, db2, dlora1_u, dlora1_b, dlora2_a) of neuron_block_mlp, from the saved hidden
     activation h (zero outside the mask, so h > 0 marks exactly the active, positive entries).
-    LoRA gradients are None where the factors are; computed in fp32, returned in x's dtype."""
-    f = torch.float32 if x.dtype != torch.float64 else torch.float64
+    The forward's input is not needed. LoRA gradients are None where the factors are; computed in
+    fp32, returned in dy's dtype."""
+    f = torch.float32 if dy.dtype != torch.float64 else torch.float64
     dh = dy.to(f) @ w2.to(f)
     if dlora2_v is not None and lora2_a is not None:
         dh = dh + dlora2_v.to(f) @ lora2_a.to(f)
@@ -131,7 +132,7 @@ def neuron_block_mlp_backward(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_
         out[4] = dpre.t() @ lora1_u.to(f)
     if lora2_a is not None:
         out[5] = (dlora2_v.to(f).t() @ h.to(f)) if dlora2_v is not None else torch.zeros_like(lora2_a, dtype=f)
-    return tuple(None if t is None else t.to(x.dtype) for t in out)
+    return tuple(None if t is None else t.to(dy.dtype) for t in out)
 
 
 def block_sparse_attention_backward(dout, q, k, v, out, lse, counts, indices, block, scale, prefix_k=None,

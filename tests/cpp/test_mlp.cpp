@@ -62,7 +62,7 @@ TEST_CASE("forward and backward equal the naive masked computation") {
     std::vector<float> dy = testing::random_vector(T * p.d, rng), dv2 = testing::random_vector(T * p.r2, rng);
     std::vector<float> dx(T * p.d), db1(p.F), db2(p.d), du1(T * p.r1), dlb1(p.F * p.r1), dla2(p.r2 * p.F);
     MlpBackwardArgs ba;
-    ba.dy = f32(dy, {T, p.d}); ba.dlora2_v = f32(dv2, {T, p.r2}); ba.x = fa.x; ba.w1 = fa.w1;
+    ba.dy = f32(dy, {T, p.d}); ba.dlora2_v = f32(dv2, {T, p.r2}); ba.w1 = fa.w1;
     ba.w2 = fa.w2; ba.h = fa.h; ba.mask = fa.mask; ba.lora1_u = fa.lora1_u; ba.lora1_b = fa.lora1_b;
     ba.lora2_a = fa.lora2_a; ba.dx = f32(dx, {T, p.d}); ba.db1 = f32(db1, {p.F});
     ba.db2 = f32(db2, {p.d}); ba.dlora1_u = f32(du1, {T, p.r1}); ba.dlora1_b = f32(dlb1, {p.F, p.r1});

@@ -32,10 +32,13 @@ struct MlpForwardArgs {
   TensorView lora2_v;  // [T, r2], present exactly when lora2_a is
 };
 
+// The backward pass never reads x (dX = dH W1, and the LoRA factor gradients come from dH and the
+// factors), so it does not take it: a caller keeps no [T, d] activation alive for it. dy gives the
+// token count, dtype and device.
 struct MlpBackwardArgs {
   TensorView dy;        // [T, d]
   TensorView dlora2_v;  // [T, r2], optional: the gradient reaching lora2_v
-  TensorView x, w1, w2, h;
+  TensorView w1, w2, h;
   MlpMask mask;
   TensorView lora1_u, lora1_b, lora2_a;  // as in the forward
   // Outputs; each optional one is computed when present.

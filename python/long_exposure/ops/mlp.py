@@ -11,12 +11,13 @@ from .._views import check_float, check_index, check_shape, view
 from ..formats import MlpMask
 
 
-def _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a):
+def _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a, x_name="x"):
+    """Shapes, dtypes and devices; `x` is the forward's input, or dy in the backward (the same [T, d])."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError("x must be a [tokens, d_model] tensor")
+        raise ValueError(f"{x_name} must be a [tokens, d_model] tensor")
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16) and not (
             x.dtype == torch.float16 and x.device.type == "cuda"):
-        raise TypeError(f"x has dtype {x.dtype}, expected float32, float64 or bfloat16 (or float16 on CUDA)")
+        raise TypeError(f"{x_name} has dtype {x.dtype}, expected float32, float64 or bfloat16 (or float16 on CUDA)")
     tokens, d_model = x.shape
     for name, t in (("w1 (fc1 weight)", w1), ("b1 (fc1 bias)", b1), ("w2 (fc2 weight)", w2), ("b2 (fc2 bias)", b2),
                     ("lora1_u", lora1_u), ("lora1_b", lora1_b), ("lora2_a", lora2_a)):
@@ -131,53 +132,53 @@ def _(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lor
 
 @torch.library.custom_op("long_exposure::mlp_backward", mutates_args=())
 def mlp_backward(
-    dy: torch.Tensor, dlora2_v: torch.Tensor | None, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    dy: torch.Tensor, dlora2_v: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
     h: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, tile_m: int, block_n: int,
     lora1_u: torch.Tensor | None, lora1_b: torch.Tensor | None, lora2_a: torch.Tensor | None,
     need_db1: bool, need_db2: bool, need_dlora1: bool, need_dlora2_a: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, db1, db2, dlora1_u, dlora1_b, dlora2_a); gradients not asked for are empty tensors."""
-    tokens, d_model, d_ffn = _check(x, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
-    check_float(dy, "dy", x)
-    check_shape(dy, "dy", (tokens, d_model))
-    check_float(h, "h", x)
+    """(dx, db1, db2, dlora1_u, dlora1_b, dlora2_a); gradients not asked for are empty tensors. The
+    forward's input x is not an argument: no part of the backward reads it (mlp.h)."""
+    tokens, d_model, d_ffn = _check(dy, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b,
+                                    lora2_a, x_name="dy")
+    check_float(h, "h", dy)
     check_shape(h, "h", (tokens, d_ffn))
-    if _mlp_uses_reference(x, "mlp_backward", tile_m, block_n, d_ffn):
-        grads = reference.neuron_block_mlp_backward(dy, dlora2_v if lora2_a is not None else None, x, w1, w2, h,
+    if _mlp_uses_reference(dy, "mlp_backward", tile_m, block_n, d_ffn):
+        grads = reference.neuron_block_mlp_backward(dy, dlora2_v if lora2_a is not None else None, w1, w2, h,
                                                     counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
         wanted = (True, need_db1, need_db2, need_dlora1 and lora1_u is not None, need_dlora1 and lora1_u is not None,
                   need_dlora2_a and lora2_a is not None)
-        return tuple(g.contiguous() if w and g is not None else x.new_empty(0) for g, w in zip(grads, wanted))
+        return tuple(g.contiguous() if w and g is not None else dy.new_empty(0) for g, w in zip(grads, wanted))
     if dlora2_v is not None and dlora2_v.shape[1] == 0:
         dlora2_v = None
     r1 = 0 if lora1_u is None else lora1_u.shape[1]
     r2 = 0 if lora2_a is None else lora2_a.shape[0]
-    on_cuda = x.device.type == "cuda"
+    on_cuda = dy.device.type == "cuda"
     if on_cuda:
         lora1_u, lora1_b = _pad_rank(lora1_u, 1), _pad_rank(lora1_b, 1)
         lora2_a, dlora2_v = _pad_rank(lora2_a, 0), _pad_rank(dlora2_v, 1)
-    args = [_aligned(t) for t in (dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)]
-    dy, dlora2_v, x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
+    args = [_aligned(t) for t in (dy, dlora2_v, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)]
+    dy, dlora2_v, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = args
     # Outputs may not alias each other, so each gradient not asked for is its own empty tensor.
     def empty():
-        return x.new_empty(0)
+        return dy.new_empty(0)
 
-    dx = x.new_empty(tokens, d_model)
-    db1 = x.new_empty(d_ffn) if need_db1 else empty()
-    db2 = x.new_empty(d_model) if need_db2 else empty()
+    dx = dy.new_empty(tokens, d_model)
+    db1 = dy.new_empty(d_ffn) if need_db1 else empty()
+    db2 = dy.new_empty(d_model) if need_db2 else empty()
     need_dlora1 = need_dlora1 and lora1_u is not None
     need_dlora2_a = need_dlora2_a and lora2_a is not None
-    dlora1_u = x.new_empty(lora1_u.shape) if need_dlora1 else empty()
-    dlora1_b = x.new_empty(lora1_b.shape) if need_dlora1 else empty()
-    dlora2_a = x.new_empty(lora2_a.shape) if need_dlora2_a else empty()
+    dlora1_u = dy.new_empty(lora1_u.shape) if need_dlora1 else empty()
+    dlora1_b = dy.new_empty(lora1_b.shape) if need_dlora1 else empty()
+    dlora2_a = dy.new_empty(lora2_a.shape) if need_dlora2_a else empty()
     if need_dlora2_a and dlora2_v is None:
         dlora2_a.zero_()
         need_dlora2_a = False
     # The kernels' scratch: dH for the whole batch, and fp32 sums for the bias gradients.
-    dh_workspace = x.new_empty(tokens, d_ffn) if on_cuda else None
-    sum_workspace = x.new_empty(d_ffn + d_model, dtype=torch.float32) if on_cuda else None
+    dh_workspace = dy.new_empty(tokens, d_ffn) if on_cuda else None
+    sum_workspace = dy.new_empty(d_ffn + d_model, dtype=torch.float32) if on_cuda else None
     _C.mlp_backward(
-        view(dy, "dy"), view(dlora2_v, "dlora2_v"), view(x, "x"), view(w1, "w1"), view(w2, "w2"), view(h, "h"),
+        view(dy, "dy"), view(dlora2_v, "dlora2_v"), view(w1, "w1"), view(w2, "w2"), view(h, "h"),
         view(counts, "mask counts"), view(indices, "mask indices"), tile_m, block_n,
         view(lora1_u, "lora1_u"), view(lora1_b, "lora1_b"), view(lora2_a, "lora2_a"),
         view(dx, "dx"), view(db1, "db1") if need_db1 else None, view(db2, "db2") if need_db2 else None,
@@ -193,36 +194,38 @@ def mlp_backward(
 
 
 @mlp_backward.register_fake
-def _(dy, dlora2_v, x, w1, w2, h, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a,
+def _(dy, dlora2_v, w1, w2, h, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a,
       need_db1, need_db2, need_dlora1, need_dlora2_a):
-    tokens, d_model, d_ffn = _check(x, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
+    tokens, d_model, d_ffn = _check(dy, w1, None, w2, None, counts, indices, tile_m, block_n, lora1_u, lora1_b,
+                                    lora2_a, x_name="dy")
     has1, has2 = need_dlora1 and lora1_u is not None, need_dlora2_a and lora2_a is not None
     return (
-        x.new_empty(tokens, d_model),
-        x.new_empty(d_ffn if need_db1 else 0),
-        x.new_empty(d_model if need_db2 else 0),
-        x.new_empty(lora1_u.shape if has1 else 0),
-        x.new_empty(lora1_b.shape if has1 else 0),
-        x.new_empty(lora2_a.shape if has2 else 0),
+        dy.new_empty(tokens, d_model),
+        dy.new_empty(d_ffn if need_db1 else 0),
+        dy.new_empty(d_model if need_db2 else 0),
+        dy.new_empty(lora1_u.shape if has1 else 0),
+        dy.new_empty(lora1_b.shape if has1 else 0),
+        dy.new_empty(lora2_a.shape if has2 else 0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a = inputs
+    _, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a = inputs
     _, h, _ = output
-    ctx.save_for_backward(x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)
+    # Not x: the backward never reads it, and keeping it would hold a [T, d] activation per layer.
+    ctx.save_for_backward(w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a)
     ctx.tile_m, ctx.block_n = tile_m, block_n
     # h is kept for the backward pass only; gradients do not flow back through it.
     ctx.mark_non_differentiable(h)
 
 
 def _backward(ctx, dy, _dh, dlora2_v):
-    x, w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = ctx.saved_tensors
+    w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if needs[1] or needs[3]:
         raise RuntimeError("fc1/fc2 weights are frozen under Long Exposure: set requires_grad=False on w1 and w2")
     dx, db1, db2, dlora1_u, dlora1_b, dlora2_a = mlp_backward(
-        dy, dlora2_v if lora2_a is not None else None, x, w1, w2, h, counts, indices, ctx.tile_m, ctx.block_n,
+        dy, dlora2_v if lora2_a is not None else None, w1, w2, h, counts, indices, ctx.tile_m, ctx.block_n,
         lora1_u, lora1_b, lora2_a, bool(needs[2]), bool(needs[4]), bool(needs[9] or needs[10]), bool(needs[11]),
     )
     return (
