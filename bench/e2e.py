@@ -8,12 +8,18 @@ default, resampled to the model's depth; a sparsity of 1.0 still keeps one block
 attention block density, since random weights give predictors nothing real to find.
 
     python bench/e2e.py --model 1.3b --seq 512 1024 2048 --method lora_qv
+
+Under torchrun each rank trains on its own batch through DistributedDataParallel, and the table
+gives the throughput of all ranks together (the slowest rank's step), for scaling measurements:
+
+    torchrun --nproc_per_node 2 bench/e2e.py --seq 1024 --baselines sdpa
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -205,19 +211,32 @@ def main() -> None:
     parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
                         "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
     args = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
+        rank = dist.get_rank()
+        if DEVICE == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        if args.graph or "compile" in args.baselines:
+            raise SystemExit("--graph and the compile baseline run in one process only")
+    show = print if rank == 0 else (lambda *a, **k: None)
     layers = OPT_SHAPES[args.model]["num_hidden_layers"]
     mlp_density = ([args.mlp_density] * layers if args.mlp_density is not None
                    else [1.0 - s for s in resampled(PAPER_PROFILE, layers)])
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, OPT-{args.model} "
-          f"({'checkpoint' if args.checkpoint else 'random weights'}), {args.method}, batch {args.batch}, bf16; "
-          f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
-    print("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | speedup vs eager | vs SDPA | vs compile |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    show(f"GPU {torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, OPT-{args.model} "
+         f"({'checkpoint' if args.checkpoint else 'random weights'}), {args.method}, batch {args.batch} per rank, bf16; "
+         f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
+    show("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | tokens/s (all ranks) "
+         "| speedup vs eager | vs SDPA | vs compile |")
+    show("|---|---|---|---|---|---|---|---|---|---|")
     speedups: dict[str, list[tuple[int, float]]] = {}
     vocab = 50000
     for seq in args.seq:
         ids = torch.randint(0, vocab, (args.batch, seq), device=DEVICE,
-                            generator=torch.Generator(DEVICE).manual_seed(seq))
+                            generator=torch.Generator(DEVICE).manual_seed(seq + 1000 * rank))
         results = {}
         systems = args.baselines + ["long_exposure"] + (["sdpa+graph", "long_exposure+graph"] if args.graph else [])
         for system in systems:
@@ -234,6 +253,9 @@ def main() -> None:
                 for layer in decoder_layers(model):
                     layer._long_exposure.controller = controller
             runner = torch.compile(model) if system == "compile" else model
+            if world > 1:
+                runner = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[torch.cuda.current_device()] if DEVICE == "cuda" else None)
             try:
                 if system.endswith("+graph"):
                     results[system] = time_graphed_steps(runner, ids, args.steps, controller)
@@ -241,7 +263,12 @@ def main() -> None:
                     results[system] = time_steps(runner, ids, args.steps, args.warmup, controller)
             except Exception as error:  # noqa: BLE001  (out of memory, or a step that cannot be captured)
                 results[system] = None
-                print(f"| {seq} | {system} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | | |")
+                show(f"| {seq} | {system} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | | | |")
+            if world > 1 and results[system] is not None:
+                # The slowest rank sets the pace of a data-parallel step.
+                slowest = torch.tensor([results[system]["step"]], device=DEVICE)
+                torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+                results[system]["step"] = slowest.item()
             if system.startswith("long_exposure"):
                 restore(model)
             del model, runner
@@ -249,19 +276,23 @@ def main() -> None:
         le = results.get("long_exposure")
         if results.get("sdpa+graph") and results.get("long_exposure+graph"):
             ratio = results["sdpa+graph"]["step"] / results["long_exposure+graph"]["step"]
-            print(f"| {seq} | both in CUDA graphs | long_exposure+graph is {ratio:.2f}x sdpa+graph | | | | | | |")
+            show(f"| {seq} | both in CUDA graphs | long_exposure+graph is {ratio:.2f}x sdpa+graph | | | | | | | |")
         for system, r in results.items():
             if r is None:
                 continue
             ratios = [f"{results[b]['step'] / r['step']:.2f}x" if results.get(b) and system.startswith("long_exposure")
                       else "" for b in ("eager", "sdpa", "compile")]
-            print(f"| {seq} | {system} | {r['step']:.1f} | {r['forward']:.1f} / {r['backward']:.1f} / "
-                  f"{r['optimizer']:.1f} | {r['predictor']:.2f} | {r['peak_gib']:.1f} | {' | '.join(ratios)} |")
+            tokens_per_s = world * args.batch * seq / (r["step"] / 1000)
+            show(f"| {seq} | {system} | {r['step']:.1f} | {r['forward']:.1f} / {r['backward']:.1f} / "
+                 f"{r['optimizer']:.1f} | {r['predictor']:.2f} | {r['peak_gib']:.1f} | {tokens_per_s:,.0f} | "
+                 f"{' | '.join(ratios)} |")
         if le:
             for b in args.baselines:
                 if results.get(b):
                     speedups.setdefault(b, []).append((seq, results[b]["step"] / le["step"]))
-    if args.plot and speedups:
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if args.plot and speedups and rank == 0:
         import matplotlib
 
         matplotlib.use("Agg")
