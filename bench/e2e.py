@@ -151,7 +151,17 @@ def time_steps(model, ids, steps: int, warmup: int, controller=None) -> dict:
     out = {k: statistics.median(v) if v else 0.0 for k, v in times.items()}
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["loss"] = loss.item()
+    out["density"] = densities_used(controller)
     return out
+
+
+def densities_used(controller) -> str:
+    """Mean MLP and attention block densities of the masks the last step used, as 'mlp / attn'."""
+    if controller is None:
+        return ""
+    means = [statistics.mean(d.item() for (_, part), d in controller.densities.items() if part == p)
+             for p in ("mlp", "attention")]
+    return f"{means[0]:.3f} / {means[1]:.3f}"
 
 
 def time_graphed_steps(model, ids, steps: int, controller=None) -> dict:
@@ -189,7 +199,8 @@ def time_graphed_steps(model, ids, steps: int, controller=None) -> dict:
         times.append(start.elapsed_time(stop))
     return {"step": statistics.median(times[2:]), "forward": float("nan"), "backward": float("nan"),
             "optimizer": float("nan"), "predictor": float("nan"),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item()}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item(),
+            "density": densities_used(controller)}
 
 
 def main() -> None:
@@ -230,8 +241,8 @@ def main() -> None:
          f"({'checkpoint' if args.checkpoint else 'random weights'}), {args.method}, batch {args.batch} per rank, bf16; "
          f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
     show("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | tokens/s (all ranks) "
-         "| speedup vs eager | vs SDPA | vs compile |")
-    show("|---|---|---|---|---|---|---|---|---|---|")
+         "| density MLP / attn | speedup vs eager | vs SDPA | vs compile |")
+    show("|---|---|---|---|---|---|---|---|---|---|---|")
     speedups: dict[str, list[tuple[int, float]]] = {}
     vocab = 50000
     for seq in args.seq:
@@ -285,7 +296,7 @@ def main() -> None:
             tokens_per_s = world * args.batch * seq / (r["step"] / 1000)
             show(f"| {seq} | {system} | {r['step']:.1f} | {r['forward']:.1f} / {r['backward']:.1f} / "
                  f"{r['optimizer']:.1f} | {r['predictor']:.2f} | {r['peak_gib']:.1f} | {tokens_per_s:,.0f} | "
-                 f"{' | '.join(ratios)} |")
+                 f"{r['density']} | {' | '.join(ratios)} |")
         if le:
             for b in args.baselines:
                 if results.get(b):
