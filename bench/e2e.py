@@ -29,13 +29,14 @@ import torch
 
 from long_exposure.config import LongExposureConfig
 from long_exposure.exposer import decoder_layers
-from long_exposure.formats import BlockLayout, MlpMask
+from long_exposure.formats import MlpMask
 from long_exposure.models.opt import Controller, convert, restore
 from long_exposure.pipeline import apply_method
 from long_exposure.predictors import PredictorSet, model_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from masks import random_layout  # noqa: E402  (the tests' layouts, so both exercise the same thing)
+from timing import capture, cuda_times_ms  # noqa: E402
 
 OPT_SHAPES = {  # hidden, layers, heads, ffn
     "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096, word_embed_proj_dim=512,
@@ -180,24 +181,8 @@ def time_graphed_steps(model, ids, steps: int, controller=None) -> dict:
         return loss
 
     torch.cuda.reset_peak_memory_stats()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
-    times = []
-    for _ in range(steps + 2):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return {"step": statistics.median(times[2:]), "forward": float("nan"), "backward": float("nan"),
+    graph, loss = capture(step)
+    return {"step": statistics.median(cuda_times_ms(graph.replay, steps, warmup=2)), "forward": float("nan"), "backward": float("nan"),
             "optimizer": float("nan"), "predictor": float("nan"),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item(),
             "density": densities_used(controller)}

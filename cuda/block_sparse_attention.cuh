@@ -19,6 +19,7 @@
 
 #include "block_sparse_attention_launch.cuh"
 #include "cuda_check.cuh"
+#include "ptx.cuh"
 
 namespace long_exposure {
 namespace attention_cuda {
@@ -26,73 +27,14 @@ namespace attention_cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// ---- the few PTX instructions the kernels are built from -------------------------------------
+// ---- the few PTX instructions the kernels are built from: cuda/ptx.cuh ------------------------
 
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(p)));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_address(p)));
-}
-
-// A zero-sized source makes cp.async fill the 16 bytes with zeros: rows past the end of a ragged
-// sequence or prefix become zeros, which no mask then has to keep away from the products.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::Mma;
+using ptx::cp_async_16;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
 
 // ---- tiles and warp-level products ----------------------------------------------------------
 
@@ -125,7 +67,7 @@ __device__ __forceinline__ void load_rows(T* tile, const T* plane, int64_t strid
     const int r = c / kChunks, k = c % kChunks;
     const bool valid = row0 + r < limit;
     const T* src = plane + (valid ? static_cast<int64_t>(row0 + r) * stride + k * 8 : 0);
-    cp_async16(tile + r * kLds + k * 8, src, valid);
+    cp_async_16(tile + r * kLds + k * 8, src, valid);
   }
 }
 
@@ -134,7 +76,7 @@ template <typename T, int K, int LDS>
 __device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* tile) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int ks = 0; ks < K / 16; ++ks) ldsm_x4(a[ks], tile + (lane & 15) * LDS + ks * 16 + (lane >> 4) * 8);
+  for (int ks = 0; ks < K / 16; ++ks) ldmatrix_x4(a[ks], tile + (lane & 15) * LDS + ks * 16 + (lane >> 4) * 8);
 }
 
 // acc[16 x N] += A[16 x K] * B^T, with B's N rows of K contiguous elements in shared memory.
@@ -147,7 +89,7 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[N / 8][4], const uint32_t 
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4(b, b_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
+      ldmatrix_x4(b, b_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
                      ((lane >> 3) & 1) * 8);
       Mma<T>::run(acc[2 * np], a[ks], b[0], b[1]);
       Mma<T>::run(acc[2 * np + 1], a[ks], b[2], b[3]);
@@ -164,11 +106,11 @@ __device__ __forceinline__ void gemm_abt_shared(float (&acc)[N / 8][4], const T*
 #pragma unroll
   for (int ks = 0; ks < K / 16; ++ks) {
     uint32_t a[4];
-    ldsm_x4(a, a_tile + (lane & 15) * LDS + ks * 16 + (lane >> 4) * 8);
+    ldmatrix_x4(a, a_tile + (lane & 15) * LDS + ks * 16 + (lane >> 4) * 8);
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4(b, b_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
+      ldmatrix_x4(b, b_tile + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + ks * 16 +
                      ((lane >> 3) & 1) * 8);
       Mma<T>::run(acc[2 * np], a, b[0], b[1]);
       Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
@@ -186,7 +128,7 @@ __device__ __forceinline__ void gemm_ab(float (&acc)[N / 8][4], const uint32_t (
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
       uint32_t b[4];
-      ldsm_x4_trans(b, b_tile + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + np * 16 +
+      ldmatrix_x4_trans(b, b_tile + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + np * 16 +
                            (lane >> 4) * 8);
       Mma<T>::run(acc[2 * np], a[ks], b[0], b[1]);
       Mma<T>::run(acc[2 * np + 1], a[ks], b[2], b[3]);

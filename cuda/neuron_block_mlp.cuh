@@ -72,29 +72,51 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 // The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a BM x BN block
 // tile, its accumulator, the chunk loop and the accumulator visitor.
 
+// The output piece of an fc1 or dH thread block: BM tokens from m0, BN neurons from n0 of the
+// `slot`-th active block of the tile (rows and cols: how much of it lies inside the tensor).
+struct Piece {
+  int64_t m0, n0, rows, cols;
+};
+
+template <typename Engine>
+__device__ __forceinline__ bool active_pair_piece(const Dims& d, const int32_t* counts, const int32_t* indices,
+                                                  Piece& piece) {
+  piece.m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
+  if (!active_piece<Engine::BN>(d, counts, indices, piece.m0 / d.tile_m, piece.n0)) return false;
+  piece.rows = d.tokens - piece.m0;
+  piece.cols = min(static_cast<int64_t>(Engine::BN), d.neurons - piece.n0);
+  return true;
+}
+
+// acc = A @ B^T over k (the frozen weight's product) plus A2 @ B2^T over k2 (the LoRA factors'
+// product; k2 = 0 without them), in one chunk loop so both land in one accumulator.
+template <typename Engine, typename T>
+__device__ __forceinline__ void product_with_lora(typename Engine::Acc& acc, const mma::Operand<T>& a,
+                                                  const mma::Operand<T>& b, int64_t k, const mma::Operand<T>& a2,
+                                                  const mma::Operand<T>& b2, int64_t k2, unsigned char* shared) {
+  const int main_chunks = static_cast<int>((k + mma::kBK - 1) / mma::kBK);
+  const int lora_chunks = static_cast<int>((k2 + mma::kBK - 1) / mma::kBK);
+  Engine::zero(acc);
+  Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
+    return i < main_chunks ? mma::Chunk<T>{a, b, static_cast<int64_t>(i) * mma::kBK}
+                           : mma::Chunk<T>{a2, b2, static_cast<int64_t>(i - main_chunks) * mma::kBK};
+  }, shared);
+}
+
 // fc1 over one (BM tokens, BN neurons) piece. grid: (mask slots x block_n / BN, tokens / BM).
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(ForwardParams<T> p) {
-  constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
-  int64_t n0 = 0;
-  if (!active_piece<BN>(d, p.counts, p.indices, m0 / d.tile_m, n0)) return;
-  const int64_t rows = d.tokens - m0, cols = min(static_cast<int64_t>(BN), d.neurons - n0);
+  Piece piece;
+  if (!active_pair_piece<Engine>(d, p.counts, p.indices, piece)) return;
+  const int64_t m0 = piece.m0, n0 = piece.n0, rows = piece.rows, cols = piece.cols;
   T* h = p.h + m0 * d.neurons + n0;
-  const mma::Operand<T> x{p.x + m0 * d.model, d.model, rows, d.model};
-  const mma::Operand<T> w1{p.w1 + n0 * d.model, d.model, cols, d.model};
-  const mma::Operand<T> u1{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1};
-  const mma::Operand<T> b1{p.lora1_b + n0 * d.r1, d.r1, cols, d.r1};
-  const int main_chunks = static_cast<int>((d.model + mma::kBK - 1) / mma::kBK);
-  const int lora_chunks = p.lora1_u ? static_cast<int>((d.r1 + mma::kBK - 1) / mma::kBK) : 0;
   typename Engine::Acc acc;
-  Engine::zero(acc);
-  Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
-    return i < main_chunks ? mma::Chunk<T>{x, w1, static_cast<int64_t>(i) * mma::kBK}
-                           : mma::Chunk<T>{u1, b1, static_cast<int64_t>(i - main_chunks) * mma::kBK};
-  }, shared);
+  product_with_lora<Engine, T>(acc, {p.x + m0 * d.model, d.model, rows, d.model},
+                               {p.w1 + n0 * d.model, d.model, cols, d.model}, d.model,
+                               {p.lora1_u + m0 * d.r1, d.r1, rows, d.r1}, {p.lora1_b + n0 * d.r1, d.r1, cols, d.r1},
+                               p.lora1_u ? d.r1 : 0, shared);
   const T* bias = p.b1 ? p.b1 + n0 : nullptr;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     if (col >= cols) return;
@@ -159,27 +181,17 @@ __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> 
 // dH over one (BM tokens, BN neurons) piece, and its share of db1.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> p) {
-  constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
-  int64_t n0 = 0;
-  if (!active_piece<BN>(d, p.counts, p.indices, m0 / d.tile_m, n0)) return;
-  const int64_t rows = d.tokens - m0, cols = min(static_cast<int64_t>(BN), d.neurons - n0);
+  Piece piece;
+  if (!active_pair_piece<Engine>(d, p.counts, p.indices, piece)) return;
+  const int64_t m0 = piece.m0, n0 = piece.n0, rows = piece.rows, cols = piece.cols;
   T* dh = p.dh + m0 * d.neurons + n0;
   // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
-  const mma::Operand<T> dy{p.dy + m0 * d.model, d.model, rows, d.model};
-  const mma::Operand<T> w2{p.w2 + n0, d.neurons, cols, d.model};
-  const mma::Operand<T> dv2{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2};
-  const mma::Operand<T> a2{p.lora2_a + n0, d.neurons, cols, d.r2};
-  const int main_chunks = static_cast<int>((d.model + mma::kBK - 1) / mma::kBK);
-  const int lora_chunks = p.dlora2_v ? static_cast<int>((d.r2 + mma::kBK - 1) / mma::kBK) : 0;
   typename Engine::Acc acc;
-  Engine::zero(acc);
-  Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
-    return i < main_chunks ? mma::Chunk<T>{dy, w2, static_cast<int64_t>(i) * mma::kBK}
-                           : mma::Chunk<T>{dv2, a2, static_cast<int64_t>(i - main_chunks) * mma::kBK};
-  }, shared);
+  product_with_lora<Engine, T>(acc, {p.dy + m0 * d.model, d.model, rows, d.model}, {p.w2 + n0, d.neurons, cols, d.model},
+                               d.model, {p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2},
+                               {p.lora2_a + n0, d.neurons, cols, d.r2}, p.dlora2_v ? d.r2 : 0, shared);
   using P = mma::Pair<T>;
   const T* h = p.h + m0 * d.neurons + n0;
   // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.

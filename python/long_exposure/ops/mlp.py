@@ -58,7 +58,7 @@ def _cuda_kernel_gap(x: torch.Tensor, tile_m: int, block_n: int, d_ffn: int) -> 
     return None
 
 
-def _uses_reference(device: torch.device, op: str, gap: str | None = "this version") -> bool:
+def _uses_reference(device: torch.device, op: str, gap: str | None) -> bool:
     """True where no kernel of this version takes the call (`gap` says why; None means one does):
     the op then runs its pure-PyTorch reference (exact, as fast and as memory-hungry as dense
     PyTorch), and says so once per reason."""
