@@ -36,6 +36,7 @@ from long_exposure.predictors import PredictorSet, model_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from masks import random_layout  # noqa: E402  (the tests' layouts, so both exercise the same thing)
+from step_profile import write_profile  # noqa: E402
 from timing import capture, cuda_times_ms  # noqa: E402
 
 OPT_SHAPES = {  # hidden, layers, heads, ffn
@@ -124,7 +125,9 @@ def build_model(name: str, checkpoint: str | None, attn: str):
     return model
 
 
-def time_steps(model, ids, steps: int, warmup: int, controller=None) -> dict:
+def time_steps(model, ids, steps: int, warmup: int, controller=None, profile: tuple[str, str] | None = None) -> dict:
+    """Medians over `steps` eager steps; with profile = (directory, name), two more steps are
+    profiled into files there (bench/step_profile.py) and the kernel time by kind is returned."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times = {"forward": [], "backward": [], "optimizer": [], "step": [], "predictor": []}
@@ -134,7 +137,9 @@ def time_steps(model, ids, steps: int, warmup: int, controller=None) -> dict:
         if controller is not None:
             controller.predictor_events.clear()
         events[0].record()
+        before = torch.cuda.memory_allocated()
         loss = model(input_ids=ids, labels=ids).loss
+        saved = torch.cuda.memory_allocated() - before  # what the forward keeps for the backward
         events[1].record()
         loss.backward()
         events[2].record()
@@ -151,8 +156,16 @@ def time_steps(model, ids, steps: int, warmup: int, controller=None) -> dict:
             times["predictor"].append(sum(a.elapsed_time(b) for a, b in controller.predictor_events))
     out = {k: statistics.median(v) if v else 0.0 for k, v in times.items()}
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["saved_gib"] = saved / 2**30
     out["loss"] = loss.item()
     out["density"] = densities_used(controller)
+    if profile is not None:
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        out["kinds"] = write_profile(step, *profile)
     return out
 
 
@@ -204,6 +217,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--plot", help="PNG of the speedup over each baseline against sequence length")
+    parser.add_argument("--profile", metavar="DIR", help="profile each eager step into DIR: GPU kernel time by "
+                        "kind, the top kernels, and the host's Python time by function")
     parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
                         "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
     args = parser.parse_args()
@@ -256,7 +271,8 @@ def main() -> None:
                 if system.endswith("+graph"):
                     results[system] = time_graphed_steps(runner, ids, args.steps, controller)
                 else:
-                    results[system] = time_steps(runner, ids, args.steps, args.warmup, controller)
+                    where = (args.profile, f"{args.model}_{args.method}_seq{seq}_{system}_rank{rank}") if args.profile else None
+                    results[system] = time_steps(runner, ids, args.steps, args.warmup, controller, where)
             except Exception as error:  # noqa: BLE001  (out of memory, or a step that cannot be captured)
                 results[system] = None
                 show(f"| {seq} | {system} | failed: {type(error).__name__}: {str(error)[:120]} | | | | | | | |")
@@ -269,6 +285,11 @@ def main() -> None:
                 restore(model)
             del model, runner
             torch.cuda.empty_cache()
+        for system, r in results.items():
+            if r is not None and "kinds" in r:
+                kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in sorted(r["kinds"].items(), key=lambda i: -i[1]))
+                show(f"seq {seq}, {system}: forward keeps {r['saved_gib']:.2f} GiB for the backward; "
+                     f"GPU ms per step by kind: {kinds}")
         le = results.get("long_exposure")
         if results.get("sdpa+graph") and results.get("long_exposure+graph"):
             ratio = results["sdpa+graph"]["step"] / results["long_exposure+graph"]["step"]

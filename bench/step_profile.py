@@ -1,0 +1,74 @@
+"""Where a training step's time goes: GPU kernel time by kind (torch.profiler) and the host's
+Python time by function (cProfile), written as text files beside the benchmark's table."""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+# First match wins; names are the demangled kernel names the profiler reports.
+KINDS = [
+    ("sparse MLP (Long Exposure)", re.compile(r"neuron_block")),
+    ("sparse attention (Long Exposure)", re.compile(r"attention_cuda|transpose_block")),
+    ("predictors and layouts (Long Exposure)", re.compile(r"long_exposure")),
+    ("attention (PyTorch: SDPA, cuDNN, flash)", re.compile(r"flash|fmha|cudnn|sdpa|attention|softmax", re.I)),
+    ("GEMM (cuBLAS)", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk", re.I)),
+    ("copies and fills", re.compile(r"memcpy|memset|copy_kernel|fill", re.I)),
+]
+OTHER = "elementwise, norms, loss, optimizer"
+
+
+def kind_of(kernel_name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(kernel_name)), OTHER)
+
+
+def kernel_breakdown(step, steps: int = 2) -> tuple[dict[str, float], str]:
+    """(ms per step by kind, the top kernels as a table) over `steps` calls of step()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            by_kind[kind_of(event.name)] += event.device_time / 1000 / steps
+    table = prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=90)
+    return dict(by_kind), table
+
+
+def host_breakdown(step, steps: int = 3, rows: int = 40) -> str:
+    """cProfile's top functions by own time over `steps` calls of step() (the GPU keeps running,
+    so with a host-bound step this is where the step's time goes)."""
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
+
+
+def write_profile(step, directory: str, name: str) -> dict[str, float]:
+    """Profiles step() both ways into directory/name_{kernels,host}.txt; returns ms per step by kind."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    by_kind, table = kernel_breakdown(step)
+    total = sum(by_kind.values())
+    lines = [f"GPU kernel time per step: {total:.1f} ms", ""]
+    lines += [f"{ms:8.2f} ms  {100 * ms / max(total, 1e-9):5.1f}%  {kind}"
+              for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1])]
+    (path / f"{name}_kernels.txt").write_text("\n".join(lines) + "\n\n" + table)
+    (path / f"{name}_host.txt").write_text(host_breakdown(step))
+    return by_kind
