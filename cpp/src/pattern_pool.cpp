@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "fixed_mass.h"
 #include "long_exposure/masks.h"
 
 namespace long_exposure {
@@ -260,52 +261,53 @@ void project_patterns_cpu(const TensorView& lut_counts, const TensorView& lut_in
 
 #pragma omp parallel
   {
-    std::vector<char> taken(n * n), used(A);
+    // Each cell's mass in fixed point (fixed_mass.h), or -1 once covered.
+    std::vector<int64_t> mass_of(n * n);
+    std::vector<char> used(A);
 #pragma omp for schedule(dynamic)
     for (int64_t g = 0; g < G; ++g) {
       const float* map = score + g * n * n;
-      std::fill(taken.begin(), taken.end(), 0);
       std::fill(used.begin(), used.end(), 0);
       std::fill(sel + g * W, sel + (g + 1) * W, 0);
-      double total = 0;
+      float largest = 0.f;
+      for (int64_t c = 0; c < n * n; ++c) largest = std::max(largest, fixed_mass::clamped(map[c]));
+      const int exponent = fixed_mass::scale_exponent(largest, n * n);
+      for (int64_t c = 0; c < n * n; ++c) mass_of[c] = fixed_mass::fixed(map[c], exponent);
+      int64_t total = 0;
       for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c <= r; ++c) total += std::max(0.0f, map[r * n + c]);
-      double mass = 0;
-      int64_t blocks = 0;
+        for (int64_t c = 0; c <= r; ++c) total += mass_of[r * n + c];
+      int64_t mass = 0, blocks = 0;
+      // f(cell) for each cell of atom a.
+      auto for_each_cell = [&](int64_t a, auto f) {
+        for (int64_t r = 0; r < n; ++r) {
+          const int32_t* list = li + (a * n + r) * n;
+          for (int32_t i = 0; i < lc[a * n + r]; ++i) f(r * n + list[i]);
+        }
+      };
       auto take = [&](int64_t a) {
         used[a] = 1;
         sel[g * W + a / 64] |= uint64_t(1) << (a % 64);
-        for (int64_t r = 0; r < n; ++r) {
-          const int32_t* list = li + (a * n + r) * n;
-          for (int32_t i = 0; i < lc[a * n + r]; ++i) {
-            const int64_t block = r * n + list[i];
-            if (taken[block]) continue;
-            taken[block] = 1;
-            ++blocks;
-            mass += std::max(0.0f, map[block]);
-          }
-        }
+        for_each_cell(a, [&](int64_t cell) {
+          if (mass_of[cell] < 0) return;
+          mass += mass_of[cell];
+          ++blocks;
+          mass_of[cell] = -1;
+        });
       };
       take(diagonal_atom);
-      while (mass < recall * total) {
-        int64_t best = -1;
-        double best_ratio = 0, best_gain = 0;
+      while (!fixed_mass::reached(mass, total, recall)) {
+        int64_t best = -1, best_gain = 0;
+        double best_ratio = 0;
         for (int64_t a = 0; a < A; ++a) {
           if (used[a]) continue;
-          double gain = 0;
-          int64_t added = 0;
-          for (int64_t r = 0; r < n; ++r) {
-            const int32_t* list = li + (a * n + r) * n;
-            for (int32_t i = 0; i < lc[a * n + r]; ++i) {
-              const int64_t block = r * n + list[i];
-              if (!taken[block]) {
-                ++added;
-                gain += std::max(0.0f, map[block]);
-              }
-            }
-          }
+          int64_t gain = 0, added = 0;
+          for_each_cell(a, [&](int64_t cell) {
+            if (mass_of[cell] < 0) return;
+            ++added;
+            gain += mass_of[cell];
+          });
           if (added == 0 || gain <= 0) continue;
-          const double ratio = gain / static_cast<double>(added);
+          const double ratio = fixed_mass::ratio(gain, added);
           if (ratio > best_ratio || (ratio == best_ratio && gain > best_gain)) {
             best = a;
             best_ratio = ratio;
@@ -316,7 +318,7 @@ void project_patterns_cpu(const TensorView& lut_counts, const TensorView& lut_in
         take(best);
       }
       density.ptr<float>()[g] = static_cast<float>(blocks / causal_blocks);
-      covered.ptr<float>()[g] = static_cast<float>(total > 0 ? mass / total : 1.0);
+      covered.ptr<float>()[g] = fixed_mass::covered_share(mass, total);
     }
   }
 }

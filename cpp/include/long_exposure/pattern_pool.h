@@ -77,7 +77,8 @@ void combine_patterns_cuda(const TensorView& lut_counts, const TensorView& lut_i
 // uncovered mass per newly covered block, until the covered share of the map's mass reaches
 // `recall`. Writes selection [G, W] int64, density [G] fp32 (active share of the causal grid)
 // and covered [G] fp32 (share of the mass covered). Ties go to the higher mass, then the lower
-// atom number. Dispatches on the device (all arguments on one); the CUDA version gives the CPU's
+// atom number. Masses are summed exactly, in fixed point scaled to each map's largest score
+// (cpp/src/fixed_mass.h); scores below 2^-52 of it count as zero. Dispatches on the device (all arguments on one); the CUDA version gives the CPU's
 // results bit for bit, runs on the outputs' stream with no host synchronisation, and does not
 // check that diagonal_atom covers the diagonal (that would read the tables back).
 void project_patterns(const TensorView& lut_counts, const TensorView& lut_indices,
