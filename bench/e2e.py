@@ -86,7 +86,7 @@ class ProfileController(Controller):
             active[torch.arange(n_tiles), torch.randint(0, n_blocks, (n_tiles,), generator=g)] = True
             self._profile[key] = MlpMask.from_dense(active, cfg.tile_m, cfg.block_n).to(x.device)
         mask = self._profile[key]
-        self.densities[(index, "mlp")] = mask.density(math.ceil(n_neurons / self.config.block_n))
+        self._used[(index, "mlp")] = (mask, math.ceil(n_neurons / self.config.block_n))
         return mask
 
     def attention_layout(self, index, hidden, heads):
@@ -106,7 +106,7 @@ class ProfileController(Controller):
             g = torch.Generator().manual_seed(1000 + index)
             self._profile[key] = random_layout(1, heads, S, cfg.attn_block, p, generator=g).to(hidden.device)
         layout = self._profile[key]
-        self.densities[(index, "attention")] = layout.density()
+        self._used[(index, "attention")] = (layout,)
         return layout
 
 

@@ -17,7 +17,7 @@ KINDS = [
     ("sparse MLP (Long Exposure)", re.compile(r"neuron_block")),
     ("sparse attention (Long Exposure)", re.compile(r"attention_cuda|transpose_block")),
     ("predictors and layouts (Long Exposure)", re.compile(r"long_exposure")),
-    ("attention (PyTorch: SDPA, cuDNN, flash)", re.compile(r"flash|fmha|cudnn|sdpa|attention|softmax", re.I)),
+    ("attention (PyTorch: SDPA, cuDNN, flash)", re.compile(r"flash|fmha|cudnn|sdpa|attention", re.I)),
     ("GEMM (cuBLAS)", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk", re.I)),
     ("copies and fills", re.compile(r"memcpy|memset|copy_kernel|fill", re.I)),
 ]

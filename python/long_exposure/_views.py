@@ -20,9 +20,18 @@ _DTYPE_CODES = {
 }
 
 
+# torch.cuda.current_stream builds a Stream object on every call (about 10 us of host time, paid
+# by every view of every op call); the raw handle is all the core needs.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def current_stream(device: torch.device) -> int:
     """The raw handle of torch's current stream on `device` (0 on the CPU)."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None and device.index is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def view(tensor: torch.Tensor | None, name: str, stream: int | None = None):
@@ -38,16 +47,22 @@ def view(tensor: torch.Tensor | None, name: str, stream: int | None = None):
     code = _DTYPE_CODES.get(tensor.dtype)
     if code is None:
         raise TypeError(f"{name} has dtype {tensor.dtype}, which the core does not handle")
-    if tensor.device.type == "cpu":
-        device, index, stream = 0, 0, 0
-    elif tensor.device.type == "cuda":
-        device, index = 1, tensor.device.index
+    if tensor.is_cuda:
+        device, index = 1, tensor.get_device()
         stream = current_stream(tensor.device) if stream is None else stream
+    elif tensor.is_cpu:
+        device, index, stream = 0, 0, 0
     else:
         raise ValueError(f"{name} is on {tensor.device}; Long Exposure runs on the CPU and CUDA")
     return _C.TensorView(
         tensor.data_ptr(), code, list(tensor.shape), list(tensor.stride()), device, index, stream
     )
+
+
+def viewer(like: torch.Tensor):
+    """view() for the tensors of one op call on `like`'s device, with the stream looked up once."""
+    stream = current_stream(like.device)
+    return lambda tensor, name: view(tensor, name, stream)
 
 
 def _check_tensor(tensor, name: str, like: torch.Tensor, dtype: torch.dtype, dtype_note: str) -> None:

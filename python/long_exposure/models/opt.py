@@ -40,12 +40,19 @@ class Controller:
     config: LongExposureConfig
     predictors: object | None = None  # a PredictorSet, needed for "sparse"
     mode: str = "sparse"
-    densities: dict = field(default_factory=dict)  # (layer, "mlp" | "attention") -> 0-d tensor of the last step
+    # (layer, "mlp" | "attention") -> the mask or layout of the last step, with its block count
+    _used: dict = field(default_factory=dict)
     _pools: dict = field(default_factory=dict)
     _full: dict = field(default_factory=dict)  # all-active masks by shape: built once, not every step
 
     def __post_init__(self):
         self.set_mode(self.mode)
+
+    @property
+    def densities(self) -> dict:
+        """(layer, "mlp" | "attention") -> the block density of the last step's mask, as a 0-d
+        tensor. Computed when asked: each costs kernel launches, which a step need not pay."""
+        return {key: used.density(*extra) for key, (used, *extra) in self._used.items()}
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -63,7 +70,7 @@ class Controller:
             mask = self._full[key]
         else:
             mask = self.predictors.mlp[index].mask(x, cfg.tile_m, cfg.block_n)
-        self.densities[(index, "mlp")] = mask.density(math.ceil(n_neurons / cfg.block_n))
+        self._used[(index, "mlp")] = (mask, math.ceil(n_neurons / cfg.block_n))
         return mask
 
     def attention_layout(self, index: int, hidden: torch.Tensor, heads: int) -> BlockLayout:
@@ -81,7 +88,7 @@ class Controller:
             if n not in self._pools:
                 self._pools[n] = PatternPool(n, device=hidden.device)
             layout, _, _, _ = self.predictors.attn[index].layout(hidden, self._pools[n], cfg.attn_coverage)
-        self.densities[(index, "attention")] = layout.density()
+        self._used[(index, "attention")] = (layout,)
         return layout
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import _C
-from .._views import _DTYPE_CODES, check_float, check_index, check_shape, view
+from .._views import _DTYPE_CODES, check_float, check_index, check_shape, viewer
 from ..formats import BlockLayout
 from .. import reference
 from .mlp import _uses_reference
@@ -79,6 +79,7 @@ def attention_forward(
     counts, indices = counts.contiguous(), indices.contiguous()
     out = q.new_empty(B, H, S, D)
     lse = q.new_empty(B, H, S, dtype=torch.float32)
+    view = viewer(q)
     _C.attention_forward(
         view(q, "q"), view(k, "k"), view(v, "v"), view(prefix_k, "prefix_k"), view(prefix_v, "prefix_v"),
         view(counts, "layout counts"), view(indices, "layout indices"), block, scale, view(out, "out"), view(lse, "lse"),
@@ -122,6 +123,7 @@ def attention_backward(
         Lb, _, n_q = counts.shape
         workspaces = (q.new_empty(B, H, S, dtype=torch.float32), q.new_empty(Lb, H, n_q, dtype=torch.int32),
                       q.new_empty(Lb, H, n_q, n_q, dtype=torch.int32))
+    view = viewer(q)
     _C.attention_backward(
         view(dout, "dout"), view(q, "q"), view(k, "k"), view(v, "v"), view(prefix_k, "prefix_k"),
         view(prefix_v, "prefix_v"), view(out, "out"), view(lse, "lse"), view(counts, "layout counts"),

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .. import _C, reference
-from .._views import check_float, check_index, check_shape, view
+from .._views import check_float, check_index, check_shape, viewer
 from ..formats import MlpMask
 
 
@@ -114,6 +114,7 @@ def mlp_forward(
     y = x.new_empty(tokens, d_model)
     h = x.new_empty(tokens, d_ffn)
     lora2_v = x.new_empty(tokens, 0 if lora2_a is None else lora2_a.shape[0])
+    view = viewer(x)
     _C.mlp_forward(
         view(x, "x"), view(w1, "w1"), view(b1, "b1"), view(w2, "w2"), view(b2, "b2"),
         view(counts, "mask counts"), view(indices, "mask indices"), tile_m, block_n,
@@ -177,6 +178,7 @@ def mlp_backward(
     # The kernels' scratch: dH for the whole batch, and fp32 sums for the bias gradients.
     dh_workspace = dy.new_empty(tokens, d_ffn) if on_cuda else None
     sum_workspace = dy.new_empty(d_ffn + d_model, dtype=torch.float32) if on_cuda else None
+    view = viewer(dy)
     _C.mlp_backward(
         view(dy, "dy"), view(dlora2_v, "dlora2_v"), view(w1, "w1"), view(w2, "w2"), view(h, "h"),
         view(counts, "mask counts"), view(indices, "mask indices"), tile_m, block_n,
