@@ -1,7 +1,8 @@
 // The tensor-core tile product every neuron-block MLP kernel and the MLP predictor are built from:
 // one thread block computes acc[BM x BN] = sum over a sequence of K chunks of A_chunk @ B_chunk^T,
-// where each chunk names its own operands and K offset. That one abstraction covers the three
-// kinds of sparse product the MLP needs:
+// where each chunk names its own operands and K offset (B possibly as several operands, each
+// giving its own range of the BN columns). That one abstraction covers the three kinds of sparse
+// product the MLP needs:
 //   - a whole output tile skipped or computed (fc1, dH): the caller simply does not launch work;
 //   - a gathered K loop over a tile's active neuron blocks (fc2, dX): chunks jump between blocks;
 //   - LoRA factors entering the same accumulator: extra chunks with other operands.
@@ -41,6 +42,17 @@ struct Operand {
 template <typename T>
 struct Chunk {
   Operand<T> a, b;
+  int64_t k0 = 0;
+};
+
+// A chunk whose B side is PIECES operands side by side along N, piece j giving output columns
+// j * BN / PIECES onwards: the pieces may lie anywhere, so one thread block can multiply its A tile
+// by two neuron blocks far apart in a weight as well as by adjacent column ranges. A piece with
+// no rows (rows <= 0) adds nothing to its columns, and engines need not copy or multiply it.
+template <typename T, int PIECES>
+struct SplitChunk {
+  Operand<T> a;
+  Operand<T> b[PIECES];
   int64_t k0 = 0;
 };
 
@@ -203,11 +215,15 @@ __device__ __forceinline__ void for_each_pair(const float (&acc)[Cfg::MI][Cfg::N
 }
 
 // The interface the MLP kernels are written against (wgmma_gemm.cuh has the Hopper one): a
-// 64 x BN block tile on 4 warps of mma.sync, as an accumulator type, the chunk loop and a visitor.
+// BM x BN block tile whose B side comes in kPieces operands of kPieceN columns (SplitChunk), as
+// an accumulator type, the chunk loop and a visitor. Here: 64 x BN on 4 warps of mma.sync, with
+// B in one piece.
 template <typename T, int BN_, bool B_KMAJOR, int STAGES>
 struct Engine {
   using Cfg = Config<64, BN_, 2, 2, STAGES, true, B_KMAJOR>;
   static constexpr int BM = 64, BN = BN_;
+  static constexpr int kPieces = 1, kPieceN = BN;
+  using Chunk = SplitChunk<T, kPieces>;
   static constexpr int kThreads = Cfg::kThreads;
   static constexpr int kSlots = Cfg::NI;  // column pairs each thread holds
   static constexpr int shared_bytes() { return Cfg::template shared_bytes<T>(); }
@@ -215,9 +231,14 @@ struct Engine {
     float v[Cfg::MI][Cfg::NI][4];
   };
   __device__ static __forceinline__ void zero(Acc& acc) { mma::zero<Cfg>(acc.v); }
+  // get_chunk(i) -> Chunk. An empty piece is zero-filled like any ragged edge (its pointer must
+  // still be a valid address), so it adds nothing here either.
   template <typename GetChunk>
   __device__ static __forceinline__ void accumulate(Acc& acc, int n_chunks, GetChunk get_chunk, unsigned char* raw) {
-    mma::accumulate<Cfg, T>(acc.v, n_chunks, get_chunk, reinterpret_cast<T*>(raw));
+    mma::accumulate<Cfg, T>(acc.v, n_chunks, [&](int i) {
+      const Chunk c = get_chunk(i);
+      return mma::Chunk<T>{c.a, c.b[0], c.k0};
+    }, reinterpret_cast<T*>(raw));
   }
   template <typename F>
   __device__ static __forceinline__ void for_each_pair(const Acc& acc, F f) {

@@ -33,6 +33,7 @@ void require_kernel_shapes(const TensorView& x, const TensorView& w1, const MlpM
                                       std::to_string(mask.block_n));
   require(x.size(1) % 8 == 0 && w1.size(0) % 8 == 0,
           "the CUDA neuron-block MLP needs d_model and d_ffn to be multiples of 8");
+  require(w1.size(0) <= INT32_MAX, "the CUDA neuron-block MLP needs d_ffn below 2^31");
   require(!lora1_u.defined() || lora1_u.size(1) % 8 == 0, "the CUDA neuron-block MLP needs the fc1 LoRA rank to be a multiple of 8");
   require(!lora2_a.defined() || lora2_a.size(0) % 8 == 0, "the CUDA neuron-block MLP needs the fc2 LoRA rank to be a multiple of 8");
 }

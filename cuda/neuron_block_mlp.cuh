@@ -12,8 +12,11 @@
 //             dB1 = dH^T @ U1 and dA2^T = H^T @ dV2: dense over tokens, over H and dH cleared
 //                  outside the mask.
 // One thread block owns Engine::BM tokens (64, or 128 where tiles are multiples of 128: a whole
-// mask tile or a part of one) and a 64- or 128-wide slice of the output, so a mask tile's block
-// list is the same for all its rows.
+// mask tile or a part of one), so a mask tile's block list is the same for all its rows, and
+// Engine::BN output columns in Engine::kPieces pieces with B operands of their own: BN adjacent
+// columns of Y, V2, dX or dU1 for fc2 and dX; for fc1 and dH, piece j on the j-th of the active
+// (tile, block) pairs the thread block takes, so the 256-wide wgmma tile spans two of the tile's
+// active 128-neuron blocks, and the second is padding where the count is odd.
 // H and dH are written on active pairs only; the dense token sums behind dB1 and dA2 need zeros
 // elsewhere, so the launcher clears H or dH first exactly when one of those is asked for.
 #pragma once
@@ -48,18 +51,6 @@ struct BackwardParams {
   float* db1_sum;  // [neurons] fp32, zeroed by the launcher; null when db1 is not asked for
 };
 
-// The neuron range of the thread block that computes piece `sub` of the `slot`-th active block of
-// `tile`, or false when that slot is padding. Grids span slots, not blocks, so inactive pairs
-// cost a thread block that exits at once, and H and dH are written on active pairs only.
-template <int BN>
-__device__ __forceinline__ bool active_piece(const Dims& d, const int32_t* counts, const int32_t* indices,
-                                             int64_t tile, int64_t& n0) {
-  const int64_t per_block = d.block_n / BN, slot = blockIdx.x / per_block;
-  if (slot >= counts[tile]) return false;
-  n0 = static_cast<int64_t>(indices[tile * d.capacity + slot]) * d.block_n + (blockIdx.x % per_block) * BN;
-  return n0 < d.neurons;
-}
-
 template <typename T>
 __device__ __forceinline__ void store_pair(T* out, int64_t ld, int64_t rows, int64_t cols, int64_t row, int64_t col,
                                            float v0, float v1) {
@@ -67,104 +58,163 @@ __device__ __forceinline__ void store_pair(T* out, int64_t ld, int64_t rows, int
   if (row < rows && col < cols) *reinterpret_cast<typename P::type*>(out + row * ld + col) = P::make(v0, v1);
 }
 
+// a[j] for a j known only at run time, as a chain of selects: indexing a small array by a
+// run-time value would move it to local memory.
+template <typename V, int N>
+__device__ __forceinline__ V pick(const V (&a)[N], int j) {
+  V v = a[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k)
+    if (j == k) v = a[k];
+  return v;
+}
+
 using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 
-// The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a BM x BN block
-// tile, its accumulator, the chunk loop and the accumulator visitor.
+// The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a BM x BN block tile
+// whose B side is kPieces operands of kPieceN columns, its accumulator, the chunk loop and the
+// accumulator visitor.
 
-// The output piece of an fc1 or dH thread block: BM tokens from m0, BN neurons from n0 of the
-// `slot`-th active block of the tile (rows and cols: how much of it lies inside the tensor).
-struct Piece {
-  int64_t m0, n0, rows, cols;
+// The output of an fc1 or dH thread block: BM tokens from m0 (rows of them inside the tensor),
+// and per B piece j, kPieceN neurons from n0[j], cols[j] of them inside the tensor; cols[j] = 0
+// marks a padding piece, whose slot is past the tile's count or whose neurons are past d_ffn.
+// Neuron indices are 32-bit (the entry points require d_ffn < 2^31): the epilogues keep these
+// live beside the accumulator, where every register counts.
+template <int PIECES>
+struct PairPieces {
+  int64_t m0, rows;
+  int n0[PIECES], cols[PIECES];
 };
 
+// Each active block of a tile splits into block_n / kPieceN units of kPieceN neurons, numbered
+// slot by slot; thread block x takes units kPieces x onwards. Grids span slots, not blocks, so
+// inactive pairs cost a thread block that exits at once (false: nothing to compute), and H and dH
+// are written on active pairs only. With 128-neuron blocks and two pieces, a thread block takes
+// slots 2 x and 2 x + 1 of its tile.
 template <typename Engine>
-__device__ __forceinline__ bool active_pair_piece(const Dims& d, const int32_t* counts, const int32_t* indices,
-                                                  Piece& piece) {
-  piece.m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
-  if (!active_piece<Engine::BN>(d, counts, indices, piece.m0 / d.tile_m, piece.n0)) return false;
-  piece.rows = d.tokens - piece.m0;
-  piece.cols = min(static_cast<int64_t>(Engine::BN), d.neurons - piece.n0);
-  return true;
+__device__ __forceinline__ bool active_pair_pieces(const Dims& d, const int32_t* counts, const int32_t* indices,
+                                                   PairPieces<Engine::kPieces>& out) {
+  out.m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
+  out.rows = d.tokens - out.m0;
+  const int64_t tile = out.m0 / d.tile_m, count = counts[tile], units_per_block = d.block_n / Engine::kPieceN;
+  bool any = false;
+#pragma unroll
+  for (int j = 0; j < Engine::kPieces; ++j) {
+    const int64_t unit = static_cast<int64_t>(blockIdx.x) * Engine::kPieces + j, slot = unit / units_per_block;
+    out.n0[j] = 0;
+    out.cols[j] = 0;
+    if (slot >= count) continue;
+    const int64_t n0 = static_cast<int64_t>(indices[tile * d.capacity + slot]) * d.block_n +
+                       (unit % units_per_block) * Engine::kPieceN;
+    if (n0 >= d.neurons) continue;
+    out.n0[j] = static_cast<int>(n0);
+    out.cols[j] = static_cast<int>(min(static_cast<int64_t>(Engine::kPieceN), d.neurons - n0));
+    any = true;
+  }
+  return any;
 }
 
 // acc = A @ B^T over k (the frozen weight's product) plus A2 @ B2^T over k2 (the LoRA factors'
-// product; k2 = 0 without them), in one chunk loop so both land in one accumulator.
+// product; k2 = 0 without them), in one chunk loop so both land in one accumulator. B piece j of
+// both products gives the same output columns.
 template <typename Engine, typename T>
-__device__ __forceinline__ void product_with_lora(typename Engine::Acc& acc, const mma::Operand<T>& a,
-                                                  const mma::Operand<T>& b, int64_t k, const mma::Operand<T>& a2,
-                                                  const mma::Operand<T>& b2, int64_t k2, unsigned char* shared) {
+__device__ __forceinline__ void product_with_lora(typename Engine::Acc& acc, const typename Engine::Chunk& frozen,
+                                                  int64_t k, const typename Engine::Chunk& lora, int64_t k2,
+                                                  unsigned char* shared) {
   const int main_chunks = static_cast<int>((k + mma::kBK - 1) / mma::kBK);
   const int lora_chunks = static_cast<int>((k2 + mma::kBK - 1) / mma::kBK);
   Engine::zero(acc);
   Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
-    return i < main_chunks ? mma::Chunk<T>{a, b, static_cast<int64_t>(i) * mma::kBK}
-                           : mma::Chunk<T>{a2, b2, static_cast<int64_t>(i - main_chunks) * mma::kBK};
+    typename Engine::Chunk c = i < main_chunks ? frozen : lora;
+    c.k0 = static_cast<int64_t>(i < main_chunks ? i : i - main_chunks) * mma::kBK;
+    return c;
   }, shared);
 }
 
-// fc1 over one (BM tokens, BN neurons) piece. grid: (mask slots x block_n / BN, tokens / BM).
+// fc1 over one thread block's pieces of active pairs. grid: (mask slots x block_n / kPieceN /
+// kPieces rounded up, tokens / BM).
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(ForwardParams<T> p) {
+  constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  Piece piece;
-  if (!active_pair_piece<Engine>(d, p.counts, p.indices, piece)) return;
-  const int64_t m0 = piece.m0, n0 = piece.n0, rows = piece.rows, cols = piece.cols;
-  T* h = p.h + m0 * d.neurons + n0;
+  PairPieces<Engine::kPieces> pairs;
+  if (!active_pair_pieces<Engine>(d, p.counts, p.indices, pairs)) return;
+  const int64_t m0 = pairs.m0, rows = pairs.rows;
+  typename Engine::Chunk frozen{{p.x + m0 * d.model, d.model, rows, d.model}, {}, 0};
+  typename Engine::Chunk lora{{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1}, {}, 0};
+#pragma unroll
+  for (int j = 0; j < Engine::kPieces; ++j) {
+    // A padding piece keeps a valid base (the weight's) with no rows.
+    frozen.b[j] = {p.w1 + static_cast<int64_t>(pairs.n0[j]) * d.model, d.model, pairs.cols[j], d.model};
+    lora.b[j] = {p.lora1_b + static_cast<int64_t>(pairs.n0[j]) * d.r1, d.r1, pairs.cols[j], d.r1};
+  }
   typename Engine::Acc acc;
-  product_with_lora<Engine, T>(acc, {p.x + m0 * d.model, d.model, rows, d.model},
-                               {p.w1 + n0 * d.model, d.model, cols, d.model}, d.model,
-                               {p.lora1_u + m0 * d.r1, d.r1, rows, d.r1}, {p.lora1_b + n0 * d.r1, d.r1, cols, d.r1},
-                               p.lora1_u ? d.r1 : 0, shared);
-  const T* bias = p.b1 ? p.b1 + n0 : nullptr;
+  product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.lora1_u ? d.r1 : 0, shared);
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
-    if (col >= cols) return;
-    if (bias) {
-      v0 += static_cast<float>(bias[col]);
-      v1 += static_cast<float>(bias[col + 1]);
+    const int j = col / PN, c = col % PN;
+    const int cols = pick(pairs.cols, j);
+    const int64_t n0 = pick(pairs.n0, j);
+    if (c >= cols) return;
+    if (p.b1) {
+      v0 += static_cast<float>(p.b1[n0 + c]);
+      v1 += static_cast<float>(p.b1[n0 + c + 1]);
     }
-    store_pair(h, d.neurons, rows, cols, row, col, fmaxf(v0, 0.0f), fmaxf(v1, 0.0f));
+    store_pair(p.h + m0 * d.neurons + n0, d.neurons, rows, cols, row, c, fmaxf(v0, 0.0f), fmaxf(v1, 0.0f));
   });
 }
 
-// A K loop over the active blocks of one mask tile, in chunks of kBK neurons.
-template <typename T, typename MakeChunk>
+// A K loop over the active blocks of one mask tile, in chunks of kBK neurons: the same operands
+// throughout, the K offset jumping from block to block.
+template <typename Chunk>
 struct GatheredK {
   const int32_t* list;
   int64_t block_n;
   int chunks_per_block;
-  MakeChunk make;
-  __device__ mma::Chunk<T> operator()(int i) const {
-    const int64_t k0 = static_cast<int64_t>(list[i / chunks_per_block]) * block_n +
-                       static_cast<int64_t>(i % chunks_per_block) * mma::kBK;
-    return make(k0);
+  Chunk chunk;
+  __device__ Chunk operator()(int i) const {
+    Chunk c = chunk;
+    c.k0 = static_cast<int64_t>(list[i / chunks_per_block]) * block_n +
+           static_cast<int64_t>(i % chunks_per_block) * mma::kBK;
+    return c;
   }
 };
 
-// fc2 and its LoRA columns over one (BM tokens, BN outputs) piece. grid.x counts the Y column
-// pieces first, then the lora2_v ones.
+// The B pieces of BN output columns from n0 of a weight whose row n starts at weight + n *
+// n_stride (n0 + j kPieceN onwards for piece j), cols of them inside it: pieces past the end are
+// empty.
+template <typename Engine, typename T>
+__device__ __forceinline__ void column_pieces(typename Engine::Chunk& chunk, const T* weight, int64_t n_stride,
+                                              int64_t ld, int64_t n0, int64_t cols, int64_t k_size) {
+#pragma unroll
+  for (int j = 0; j < Engine::kPieces; ++j) {
+    const int64_t start = static_cast<int64_t>(j) * Engine::kPieceN, piece_cols = cols - start;
+    chunk.b[j] = piece_cols > 0 ? mma::Operand<T>{weight + (n0 + start) * n_stride, ld, piece_cols, k_size}
+                                : mma::Operand<T>{weight, ld, 0, k_size};
+  }
+}
+
+// fc2 and its LoRA columns over one (BM tokens, BN outputs) tile. grid.x counts the Y column
+// tiles first, then the lora2_v ones.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM, rows = d.tokens - m0;
-  const int64_t y_pieces = (d.model + BN - 1) / BN;
-  const bool is_y = blockIdx.x < y_pieces;
-  const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_pieces) * BN;
+  const int64_t y_tiles = (d.model + BN - 1) / BN;
+  const bool is_y = blockIdx.x < y_tiles;
+  const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_tiles) * BN;
   const int64_t cols = (is_y ? d.model : d.r2) - n0;
-  const T* weight = is_y ? p.w2 : p.lora2_a;
-  const mma::Operand<T> h{p.h + m0 * d.neurons, d.neurons, rows, d.neurons};
-  const mma::Operand<T> w{weight + n0 * d.neurons, d.neurons, cols, d.neurons};
+  typename Engine::Chunk chunk{{p.h + m0 * d.neurons, d.neurons, rows, d.neurons}, {}, 0};
+  column_pieces<Engine, T>(chunk, is_y ? p.w2 : p.lora2_a, d.neurons, d.neurons, n0, cols, d.neurons);
   const int64_t tile = m0 / d.tile_m;
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;
-  auto make = [=](int64_t k0) { return mma::Chunk<T>{h, w, k0}; };
   typename Engine::Acc acc;
   Engine::zero(acc);
-  Engine::accumulate(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
-                     shared);
+  Engine::accumulate(acc, n_chunks,
+                     GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
   T* out = is_y ? p.y + m0 * d.model + n0 : p.lora2_v + m0 * d.r2 + n0;
   const int64_t ld = is_y ? d.model : d.r2;
   const T* bias = is_y && p.b2 ? p.b2 + n0 : nullptr;
@@ -178,35 +228,42 @@ __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> 
   });
 }
 
-// dH over one (BM tokens, BN neurons) piece, and its share of db1.
+// dH over one thread block's pieces of active pairs, and their share of db1.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> p) {
+  constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
-  Piece piece;
-  if (!active_pair_piece<Engine>(d, p.counts, p.indices, piece)) return;
-  const int64_t m0 = piece.m0, n0 = piece.n0, rows = piece.rows, cols = piece.cols;
-  T* dh = p.dh + m0 * d.neurons + n0;
+  PairPieces<Engine::kPieces> pairs;
+  if (!active_pair_pieces<Engine>(d, p.counts, p.indices, pairs)) return;
+  const int64_t m0 = pairs.m0, rows = pairs.rows;
   // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
+  typename Engine::Chunk frozen{{p.dy + m0 * d.model, d.model, rows, d.model}, {}, 0};
+  typename Engine::Chunk lora{{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2}, {}, 0};
+#pragma unroll
+  for (int j = 0; j < Engine::kPieces; ++j) {
+    frozen.b[j] = {p.w2 + pairs.n0[j], d.neurons, pairs.cols[j], d.model};
+    lora.b[j] = {p.lora2_a + pairs.n0[j], d.neurons, pairs.cols[j], d.r2};
+  }
   typename Engine::Acc acc;
-  product_with_lora<Engine, T>(acc, {p.dy + m0 * d.model, d.model, rows, d.model}, {p.w2 + n0, d.neurons, cols, d.model},
-                               d.model, {p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2},
-                               {p.lora2_a + n0, d.neurons, cols, d.r2}, p.dlora2_v ? d.r2 : 0, shared);
+  product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
   using P = mma::Pair<T>;
-  const T* h = p.h + m0 * d.neurons + n0;
   // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
   float sums[Engine::kSlots][2] = {};
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
-    if (row >= rows || col >= cols) return;
-    const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(h + row * d.neurons + col));
+    const int j = col / PN, c = col % PN;
+    if (row >= rows || c >= pick(pairs.cols, j)) return;
+    const int64_t n = m0 * d.neurons + pick(pairs.n0, j) + c;
+    const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
     const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
-    *reinterpret_cast<typename P::type*>(dh + row * d.neurons + col) = g;
+    *reinterpret_cast<typename P::type*>(p.dh + n + row * d.neurons) = g;
     const float2 gf = P::to_float2(g);
     sums[slot][0] += gf.x;
     sums[slot][1] += gf.y;
   });
   if (!p.db1_sum) return;
-  // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic.
+  // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
+  // per column.
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int slot = 0; slot < Engine::kSlots; ++slot) {
@@ -215,36 +272,36 @@ __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> 
       s0 += __shfl_xor_sync(0xffffffffu, s0, offset);
       s1 += __shfl_xor_sync(0xffffffffu, s1, offset);
     }
-    const int col = Engine::slot_column(slot);
-    if (lane < 4 && col < cols) {
-      atomicAdd(p.db1_sum + n0 + col, s0);
-      atomicAdd(p.db1_sum + n0 + col + 1, s1);
+    const int col = Engine::slot_column(slot), j = col / PN, c = col % PN;
+    if (lane < 4 && c < pick(pairs.cols, j)) {
+      const int64_t n = pick(pairs.n0, j) + c;
+      atomicAdd(p.db1_sum + n, s0);
+      atomicAdd(p.db1_sum + n + 1, s1);
     }
   }
 }
 
-// dX and dU1 over one (BM tokens, BN outputs) piece: grid.x counts the dX pieces, then dU1's.
+// dX and dU1 over one (BM tokens, BN outputs) tile: grid.x counts the dX tiles, then dU1's.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads) dx_kernel(BackwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM, rows = d.tokens - m0;
-  const int64_t x_pieces = (d.model + BN - 1) / BN;
-  const bool is_x = blockIdx.x < x_pieces;
-  const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_pieces) * BN;
+  const int64_t x_tiles = (d.model + BN - 1) / BN;
+  const bool is_x = blockIdx.x < x_tiles;
+  const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_tiles) * BN;
   const int64_t width = is_x ? d.model : d.r1, cols = width - n0;
   // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
-  const mma::Operand<T> dh{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons};
-  const mma::Operand<T> w{(is_x ? p.w1 : p.lora1_b) + n0, width, cols, d.neurons};
+  typename Engine::Chunk chunk{{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons}, {}, 0};
+  column_pieces<Engine, T>(chunk, is_x ? p.w1 : p.lora1_b, 1, width, n0, cols, d.neurons);
   const int64_t tile = m0 / d.tile_m;
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;
-  auto make = [=](int64_t k0) { return mma::Chunk<T>{dh, w, k0}; };
   typename Engine::Acc acc;
   Engine::zero(acc);
-  Engine::accumulate(acc, n_chunks, GatheredK<T, decltype(make)>{p.indices + tile * d.capacity, d.block_n, cpb, make},
-                     shared);
+  Engine::accumulate(acc, n_chunks,
+                     GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
   T* out = (is_x ? p.dx : p.dlora1_u) + m0 * width + n0;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     store_pair(out, width, rows, cols, row, col, v0, v1);

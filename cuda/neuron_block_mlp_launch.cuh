@@ -13,8 +13,12 @@ namespace neuron_block {
 
 inline unsigned pieces(int64_t n, int64_t size) { return static_cast<unsigned>((n + size - 1) / size); }
 
-// Grid width over a tile's mask slots, each split into block_n / bn pieces.
-inline unsigned slot_pieces(const Dims& d, int64_t bn) { return static_cast<unsigned>(d.capacity * (d.block_n / bn)); }
+// Grid width of fc1 and dH over a tile's mask slots: each slot splits into block_n / kPieceN
+// units, and a thread block takes kPieces of them (active_pair_pieces).
+template <typename Engine>
+unsigned pair_pieces(const Dims& d) {
+  return pieces(d.capacity * (d.block_n / Engine::kPieceN), Engine::kPieces);
+}
 
 template <typename T>
 const T* ptr_or_null(const TensorView& v) {
@@ -53,8 +57,9 @@ void launch(Kernel kernel, unsigned width, cudaStream_t stream, int device, cons
 template <typename T, bool B_KMAJOR>
 using NarrowEngine = mma::Engine<T, 64, B_KMAJOR, kStages>;
 
-// Wide<T, B_KMAJOR> is the engine of the 128-wide tiles: mma::Engine on any chip, wgmma::Engine
-// on sm_90a (sm90a/neuron_block_mlp_*.cu).
+// Wide<T, B_KMAJOR> is the engine of fc2 and dX, and of fc1 and dH on 128-neuron multiples:
+// mma::Engine (64 x 128) on any chip, wgmma::Engine (64 or 128 x 256, B in 128-wide pieces) on
+// sm_90a (sm90a/neuron_block_mlp_*.cu).
 template <typename T, template <typename, bool> class Wide>
 void forward_with(const MlpForwardArgs& a) {
   ForwardParams<T> p{dims_of(a.x, a.w1, a.mask, a.lora1_u, a.lora2_a),
@@ -69,12 +74,13 @@ void forward_with(const MlpForwardArgs& a) {
   if (p.lora2_a && d.tokens * d.neurons > 0)
     check_cuda(cudaMemsetAsync(p.h, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
   using Wide1 = Wide<T, true>;
+  using Narrow1 = NarrowEngine<T, true>;
+  static_assert(Wide1::kPieceN == 128, "the wide engine's pieces must divide the blocks it takes (multiples of 128)");
   if (d.block_n % 128 == 0)
-    launch<Wide1>(fc1_kernel<T, Wide1>, slot_pieces(d, 128), stream, device, p, "neuron-block MLP fc1");
+    launch<Wide1>(fc1_kernel<T, Wide1>, pair_pieces<Wide1>(d), stream, device, p, "neuron-block MLP fc1");
   else
-    launch<NarrowEngine<T, true>>(fc1_kernel<T, NarrowEngine<T, true>>, slot_pieces(d, 64), stream,
-                                  device, p, "neuron-block MLP fc1");
-  launch<Wide1>(fc2_kernel<T, Wide1>, pieces(d.model, 128) + pieces(d.r2, 128), stream, device, p,
+    launch<Narrow1>(fc1_kernel<T, Narrow1>, pair_pieces<Narrow1>(d), stream, device, p, "neuron-block MLP fc1");
+  launch<Wide1>(fc2_kernel<T, Wide1>, pieces(d.model, Wide1::BN) + pieces(d.r2, Wide1::BN), stream, device, p,
                 "neuron-block MLP fc2");
 }
 
@@ -97,13 +103,14 @@ void backward_with(const MlpBackwardArgs& a) {
   if (a.dlora1_b.defined() && d.tokens * d.neurons > 0)
     check_cuda(cudaMemsetAsync(p.dh, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
   using Wide2 = Wide<T, false>;
+  using Narrow2 = NarrowEngine<T, false>;
+  static_assert(Wide2::kPieceN == 128, "the wide engine's pieces must divide the blocks it takes (multiples of 128)");
   if (d.block_n % 128 == 0)
-    launch<Wide2>(dh_kernel<T, Wide2>, slot_pieces(d, 128), stream, device, p, "neuron-block MLP dH");
+    launch<Wide2>(dh_kernel<T, Wide2>, pair_pieces<Wide2>(d), stream, device, p, "neuron-block MLP dH");
   else
-    launch<NarrowEngine<T, false>>(dh_kernel<T, NarrowEngine<T, false>>, slot_pieces(d, 64), stream,
-                                   device, p, "neuron-block MLP dH");
-  const unsigned u1_pieces = p.dlora1_u ? pieces(d.r1, 128) : 0;
-  launch<Wide2>(dx_kernel<T, Wide2>, pieces(d.model, 128) + u1_pieces, stream, device, p,
+    launch<Narrow2>(dh_kernel<T, Narrow2>, pair_pieces<Narrow2>(d), stream, device, p, "neuron-block MLP dH");
+  const unsigned u1_tiles = p.dlora1_u ? pieces(d.r1, Wide2::BN) : 0;
+  launch<Wide2>(dx_kernel<T, Wide2>, pieces(d.model, Wide2::BN) + u1_tiles, stream, device, p,
                 "neuron-block MLP dX");
 
   auto token_sum = [&](const T* x, const T* y, int64_t m, int64_t n, T* out, int64_t out_m, int64_t out_n) {

@@ -1,9 +1,11 @@
 // Hopper's warpgroup matrix instructions (wgmma, sm_90a only) behind the same chunked-K interface
 // as mma_gemm.cuh, for the products whose speed decides the MLP step: each warpgroup (128 threads)
 // computes a 64 x 128 fp32 accumulator with wgmma.m64n128k16 reading both operands from shared
-// memory, fed by the same cp.async ring; one or two warpgroups per thread block. mma.sync on this chip reaches about
-// a third of the rate cuBLAS gets from wgmma (bench/RESULTS.md), which no tuning of the older
-// instruction closes.
+// memory, fed by the same cp.async ring. A thread block holds a grid of warpgroups, stacked
+// along M (sharing B tiles) and side by side along N (sharing the A tile, each with a B operand
+// of its own), because the bytes each K chunk brings from L2 per FLOP, not the tensor cores,
+// limit these products. mma.sync on this chip reaches about a third of the rate cuBLAS gets from
+// wgmma (bench/RESULTS.md), which no tuning of the older instruction closes.
 //
 // Shared layouts are the canonical 128-byte-swizzled ones the descriptors name:
 //   K-major (A always; B when it is K-major): rows of 64 K elements (128 bytes), 16-byte pieces
@@ -88,20 +90,26 @@ LONG_EXPOSURE_WGMMA_64x128(__half, "f16", 1)
 #undef LONG_EXPOSURE_WGMMA_ACC_OPERANDS
 #undef LONG_EXPOSURE_WGMMA_ACC_REGS
 
-// The chunk loop of mma::accumulate on wgmma, for WG warpgroups stacked along M (a 64 WG x 128
-// block tile; each warpgroup multiplies its 64 rows of A by the shared B). Chunk i sits in stage
-// i % STAGES. Loads run STAGES - 2 chunks ahead and each chunk's wgmma is left in flight while the
-// next is issued (wait_group 1), so the tensor cores do not idle through the barrier and the
-// copies; the stage a load refills belonged to chunk i - 2, whose wgmma every warpgroup finished
-// before the barrier of chunk i.
-template <typename T, bool B_KMAJOR, int STAGES, int WG = 1>
+// The chunk loop of mma::accumulate on wgmma, for WG_M x WG_N warpgroups: a 64 WG_M x 128 WG_N
+// block tile whose B side is WG_N pieces of 128 columns (mma::SplitChunk). Warpgroup g owns rows
+// 64 (g / WG_N).. and piece g % WG_N: it multiplies its 64 rows of the A tile by that piece's B
+// tile, so each A tile is read by WG_N warpgroups and each B tile by WG_M, which is what raises
+// the FLOPs per byte brought from L2. Chunk i sits in stage i % STAGES. Loads run STAGES - 2
+// chunks ahead and each chunk's wgmma is left in flight while the next is issued (wait_group 1),
+// so the tensor cores do not idle through the barrier and the copies; the stage a load refills
+// belonged to chunk i - 2, whose wgmma every warpgroup finished (by its wait_group 1 after chunk
+// i - 1, or its drain where it skipped that chunk) before the block-wide barrier of chunk i.
+template <typename T, bool B_KMAJOR, int STAGES, int WG_M = 1, int WG_N = 1>
 struct Engine {
   static_assert(STAGES >= 3, "one stage computing, one in flight, at least one loading");
-  static constexpr int BM = kM * WG, BN = kN;
-  static constexpr int kThreads = wgmma::kThreads * WG;
+  static constexpr int BM = kM * WG_M, BN = kN * WG_N;
+  static constexpr int kPieces = WG_N, kPieceN = kN;
+  using Chunk = mma::SplitChunk<T, kPieces>;
+  static constexpr int kThreads = wgmma::kThreads * WG_M * WG_N;
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;
-  static constexpr int kStageElements = ATile::kElements + BTile::kElements;
+  // Both tile sizes are multiples of 1024 bytes, so every tile of the ring keeps the alignment.
+  static constexpr int kStageElements = ATile::kElements + kPieces * BTile::kElements;
   // 1 KiB of slack lets the ring start on a 1024-byte boundary wherever the dynamic area begins.
   static constexpr int shared_bytes() { return STAGES * kStageElements * static_cast<int>(sizeof(T)) + 1024; }
   static constexpr int kSlots = kN / 8;  // column pairs each thread holds
@@ -114,22 +122,40 @@ struct Engine {
     for (int i = 0; i < 64; ++i) acc.d[i] = 0.0f;
   }
 
+  // get_chunk(i) -> Chunk. An empty B piece (rows <= 0) is neither copied nor multiplied: its
+  // warpgroup issues no wgmma for that chunk, and its stale shared tile is never read.
   template <typename GetChunk>
   __device__ static __forceinline__ void accumulate(Acc& acc, int n_chunks, GetChunk get_chunk, unsigned char* raw) {
     constexpr int kAhead = STAGES - 2;
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
     auto stage_a = [&](int s) { return shared + s * kStageElements; };
-    auto stage_b = [&](int s) { return shared + s * kStageElements + ATile::kElements; };
+    auto stage_b = [&](int s, int piece) {
+      return shared + s * kStageElements + ATile::kElements + piece * BTile::kElements;
+    };
     auto load = [&](int i) {
       if (i < n_chunks) {
-        const mma::Chunk<T> c = get_chunk(i);
+        const Chunk c = get_chunk(i);
         mma::load_tile<T, ATile, true, BM, kThreads>(stage_a(i % STAGES), c.a, c.k0);
-        mma::load_tile<T, BTile, B_KMAJOR, kN, kThreads>(stage_b(i % STAGES), c.b, c.k0);
+#pragma unroll
+        for (int j = 0; j < kPieces; ++j)
+          if (c.b[j].rows > 0) mma::load_tile<T, BTile, B_KMAJOR, kN, kThreads>(stage_b(i % STAGES, j), c.b[j], c.k0);
       }
       mma::cp_async_commit();  // an empty group keeps the wait count uniform at the tail
     };
+    // Broadcast from lane 0 so that the compiler sees it uniform across the warp (and branches on
+    // it as on a uniform value): otherwise a wgmma under a branch on it is serialized.
+    const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
+    const int piece = warpgroup % WG_N;
     // This warpgroup's 64 rows of the A tile: 64 rows of 128 bytes, 8 swizzle atoms.
-    const int a_rows = (static_cast<int>(threadIdx.x) / wgmma::kThreads) * kM * mma::kBK;
+    const int a_rows = (warpgroup / WG_N) * kM * mma::kBK;
+    // Selected rather than indexed: a run-time index would put the chunk in local memory.
+    auto piece_is_live = [&](const Chunk& c) {
+      bool live = c.b[0].rows > 0;
+#pragma unroll
+      for (int j = 1; j < kPieces; ++j)
+        if (piece == j) live = c.b[j].rows > 0;
+      return live;
+    };
     for (int s = 0; s < kAhead; ++s) load(s);
     for (int i = 0; i < n_chunks; ++i) {
       mma::cp_async_wait<kAhead - 1>();
@@ -137,38 +163,52 @@ struct Engine {
       __syncthreads();  // chunk i is visible to the async proxy; chunk i - 2's wgmma is done everywhere
       load(i + kAhead);
       const T* a = stage_a(i % STAGES) + a_rows;
-      const T* b = stage_b(i % STAGES);
-      fence();
+      const T* b = stage_b(i % STAGES, piece);
+      const bool live = piece_is_live(get_chunk(i));
+      if (live) {
+        fence();
 #pragma unroll
-      for (int kk = 0; kk < mma::kBK; kk += 16) {
-        // K-major: 16 K elements are 32 bytes along the swizzled row; 8-row atoms 1024 bytes apart.
-        const uint64_t da = descriptor(a + kk, 16, 1024);
-        const uint64_t db = B_KMAJOR ? descriptor(b + kk, 16, 1024)
-                                     // MN-major: 16 K rows of 128 bytes; N panels 64 x 64 elements apart.
-                                     : descriptor(b + kk * 64, mma::kBK * 64 * sizeof(T), 1024);
-        Wgmma64x128<T, !B_KMAJOR>::run(acc.d, da, db);
+        for (int kk = 0; kk < mma::kBK; kk += 16) {
+          // K-major: 16 K elements are 32 bytes along the swizzled row; 8-row atoms 1024 bytes apart.
+          const uint64_t da = descriptor(a + kk, 16, 1024);
+          const uint64_t db = B_KMAJOR ? descriptor(b + kk, 16, 1024)
+                                       // MN-major: 16 K rows of 128 bytes; N panels 64 x 64 elements apart.
+                                       : descriptor(b + kk * 64, mma::kBK * 64 * sizeof(T), 1024);
+          Wgmma64x128<T, !B_KMAJOR>::run(acc.d, da, db);
+        }
+        commit();
+        wait_one();
+      } else {
+        // No group here: an empty commit on this path makes the compiler commit after the join,
+        // behind the live path's wgmma, which its wait_group 1 would then wait for. Draining
+        // instead leaves, as on the live path, nothing older than chunk i in flight at the next
+        // barrier.
+        wait_all();
       }
-      commit();
-      wait_one();
     }
     wait_all();
     mma::cp_async_wait<0>();
     __syncthreads();
   }
 
-  // f(row, col, v0, v1, slot): the accumulator's element pairs (columns col, col + 1); slot
-  // numbers the thread's column pairs, the same for every row it holds.
+  // f(row, col, v0, v1, slot): the accumulator's element pairs (columns col, col + 1 of the block
+  // tile); slot numbers the thread's column pairs, the same for every row it holds.
   template <typename F>
   __device__ static __forceinline__ void for_each_pair(const Acc& acc, F f) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;  // warp w of the block holds rows 16 w..
+    // Warp w of a warpgroup holds rows 16 w.. of the warpgroup's 64, lane / 4 and lane / 4 + 8
+    // among them, and in every 8 columns the two at 2 (lane % 4).
+    const int warpgroup = threadIdx.x / wgmma::kThreads, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int row = (warpgroup / WG_N) * kM + warp * 16 + lane / 4;
+    const int col = (warpgroup % WG_N) * kN + (lane % 4) * 2;
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
-      const int row = warp * 16 + lane / 4, col = i * 8 + (lane % 4) * 2;
-      f(row, col, acc.d[i * 4], acc.d[i * 4 + 1], i);
-      f(row + 8, col, acc.d[i * 4 + 2], acc.d[i * 4 + 3], i);
+      f(row, col + i * 8, acc.d[i * 4], acc.d[i * 4 + 1], i);
+      f(row + 8, col + i * 8, acc.d[i * 4 + 2], acc.d[i * 4 + 3], i);
     }
   }
-  __device__ static __forceinline__ int slot_column(int slot) { return slot * 8 + (threadIdx.x % 4) * 2; }
+  __device__ static __forceinline__ int slot_column(int slot) {
+    return ((threadIdx.x / wgmma::kThreads) % WG_N) * kN + slot * 8 + (threadIdx.x % 4) * 2;
+  }
 };
 
 }  // namespace wgmma

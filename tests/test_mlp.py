@@ -249,8 +249,11 @@ def test_backward_op_equals_the_reference_backward(lora):
 # (tokens, d_model, d_ffn, tile_m, block_n) for the tensor-core kernels: ragged tokens, a partial
 # last neuron block (520 = 4 x 128 + 8), 128-token tiles split over two thread blocks, 64-blocks,
 # 128-token tiles on one thread block of two warpgroups (wgmma).
+# Ragged tokens and neurons; 64- and 128-token tiles; blocks of 64 to 384 neurons. The last two
+# put a block's pieces across the wide engines' pairs of 128 columns (a pair may straddle two
+# blocks, or end in padding), with output widths that are no multiple of 256.
 CUDA_SHAPES = [(256, 128, 512, 64, 128), (200, 96, 520, 64, 128), (300, 64, 384, 128, 64), (64, 256, 256, 64, 64),
-               (260, 128, 520, 128, 128)]
+               (260, 128, 520, 128, 128), (200, 320, 776, 128, 256), (130, 384, 1160, 64, 384)]
 
 
 def structured_mlp_mask(shape, pattern):

@@ -5,20 +5,23 @@
 namespace long_exposure {
 namespace neuron_block {
 
-// One warpgroup per 64 tokens; two per 128 where the mask's tiles allow it, which halves the
-// operand traffic per product (bench/RESULTS.md).
+// Two warpgroups side by side along N, sharing each A tile, per 64 tokens; four (two by two) per
+// 128 where the mask's tiles allow it, sharing B tiles too. Wider and taller tiles bring fewer
+// bytes from L2 per FLOP, and those bytes bound these kernels (bench/RESULTS.md).
 template <typename T, bool B_KMAJOR>
-using WgmmaWide = wgmma::Engine<T, B_KMAJOR, kStages>;
+using Wgmma64x256 = wgmma::Engine<T, B_KMAJOR, kStages, 1, 2>;
 template <typename T, bool B_KMAJOR>
-using WgmmaTall = wgmma::Engine<T, B_KMAJOR, kStages, 2>;
+using Wgmma128x256 = wgmma::Engine<T, B_KMAJOR, kStages, 2, 2>;
 
 template <>
 void forward_sm90<__nv_bfloat16>(const MlpForwardArgs& a) {
-  a.mask.tile_m % 128 == 0 ? forward_with<__nv_bfloat16, WgmmaTall>(a) : forward_with<__nv_bfloat16, WgmmaWide>(a);
+  a.mask.tile_m % 128 == 0 ? forward_with<__nv_bfloat16, Wgmma128x256>(a)
+                           : forward_with<__nv_bfloat16, Wgmma64x256>(a);
 }
 template <>
 void backward_sm90<__nv_bfloat16>(const MlpBackwardArgs& a) {
-  a.mask.tile_m % 128 == 0 ? backward_with<__nv_bfloat16, WgmmaTall>(a) : backward_with<__nv_bfloat16, WgmmaWide>(a);
+  a.mask.tile_m % 128 == 0 ? backward_with<__nv_bfloat16, Wgmma128x256>(a)
+                           : backward_with<__nv_bfloat16, Wgmma64x256>(a);
 }
 
 }  // namespace neuron_block
