@@ -10,6 +10,7 @@
 
 #include "block_sparse_attention_launch.cuh"
 #include "cuda_check.cuh"
+#include "kernel_choice.cuh"
 
 namespace long_exposure {
 
@@ -72,8 +73,20 @@ void attention_forward_cuda(const AttentionForwardArgs& a) {
     require_aligned(*view, name);
   if (a.q.numel() == 0) return;
   DeviceGuard guard(a.q.device_index);
+  // The wgmma forward (cuda/sm90a/) takes head dims 64 and 128; the backward is mma.sync everywhere.
+  const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
   dispatch(a.q.dtype, D, block, [&](auto tag, auto dim, auto blk) {
-    attention_cuda::launch_forward<decltype(tag), decltype(dim)::value, decltype(blk)::value>(a);
+    using T = decltype(tag);
+    constexpr int kDim = decltype(dim)::value, kBlock = decltype(blk)::value;
+#ifdef LONG_EXPOSURE_WITH_SM90A
+    if constexpr (kDim == 64 || kDim == 128) {
+      if (hopper) {
+        attention_cuda::launch_forward_sm90<T, kDim, kBlock>(a);
+        return;
+      }
+    }
+#endif
+    attention_cuda::launch_forward<T, kDim, kBlock>(a);
   });
 }
 

@@ -384,9 +384,8 @@ __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
                    p.seq);
 }
 
-template <typename T, int D, int BLK>
-void launch_forward(const AttentionForwardArgs& a) {
-  using Shape = ForwardShape<D, BLK>;
+// The kernels' view of a forward call (both forward kernels take it).
+inline ForwardParams forward_params(const AttentionForwardArgs& a) {
   ForwardParams p;
   auto operand = [](const TensorView& t) {
     Operand o;
@@ -410,6 +409,13 @@ void launch_forward(const AttentionForwardArgs& a) {
   p.capacity = static_cast<int>(a.layout.capacity());
   p.shared_layout = a.layout.batch() == 1;
   p.scale_log2 = static_cast<float>(a.scale) * kLog2e;
+  return p;
+}
+
+template <typename T, int D, int BLK>
+void launch_forward(const AttentionForwardArgs& a) {
+  using Shape = ForwardShape<D, BLK>;
+  const ForwardParams p = forward_params(a);
 
   const size_t smem = Shape::template smem_bytes<T>(p.n_q);
   auto kernel = forward_kernel<T, D, BLK>;

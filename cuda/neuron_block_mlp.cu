@@ -4,11 +4,10 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "cuda_check.cuh"
+#include "kernel_choice.cuh"
 #include "long_exposure/mlp.h"
 #include "neuron_block_mlp.cuh"
 
@@ -38,22 +37,6 @@ void require_kernel_shapes(const TensorView& x, const TensorView& w1, const MlpM
   require(!lora2_a.defined() || lora2_a.size(0) % 8 == 0, "the CUDA neuron-block MLP needs the fc2 LoRA rank to be a multiple of 8");
 }
 
-// The wgmma kernels where the build has them (sm_90a) and the device is a Hopper; setting
-// LONG_EXPOSURE_MLP_KERNEL=mma picks the portable mma.sync kernels everywhere (tests cover both).
-bool use_wgmma(int device) {
-#ifdef LONG_EXPOSURE_WITH_SM90A
-  const char* choice = std::getenv("LONG_EXPOSURE_MLP_KERNEL");
-  if (choice && std::strcmp(choice, "mma") == 0) return false;
-  int major = 0, minor = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
-  return major == 9 && minor == 0;
-#else
-  (void)device;
-  return false;
-#endif
-}
-
 template <typename Fn>
 void dispatch(DType dtype, Fn&& fn) {
   if (dtype == DType::kBFloat16)
@@ -71,7 +54,7 @@ void mlp_forward_cuda(const MlpForwardArgs& a) {
                          {&a.h, "h"}, {&a.lora2_v, "lora2_v"}})
     require_aligned(*v, name);
   DeviceGuard guard(a.x.device_index);
-  const bool hopper = use_wgmma(a.x.device_index);
+  const bool hopper = use_wgmma_kernels(a.x.device_index, "LONG_EXPOSURE_MLP_KERNEL");
   dispatch(a.x.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     hopper ? neuron_block::forward_sm90<T>(a) : neuron_block::forward<T>(a);
@@ -87,7 +70,7 @@ void mlp_backward_cuda(const MlpBackwardArgs& a) {
                          {&a.dx, "dx"}, {&a.dlora1_u, "dlora1_u"}, {&a.dh_workspace, "dh_workspace"}})
     require_aligned(*v, name);
   DeviceGuard guard(a.dy.device_index);
-  const bool hopper = use_wgmma(a.dy.device_index);
+  const bool hopper = use_wgmma_kernels(a.dy.device_index, "LONG_EXPOSURE_MLP_KERNEL");
   dispatch(a.dy.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     hopper ? neuron_block::backward_sm90<T>(a) : neuron_block::backward<T>(a);

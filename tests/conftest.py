@@ -25,3 +25,4 @@ def small_opt(corpus):
 
     torch.manual_seed(0)
     return pretrained_small_opt(corpus)
+

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from long_exposure import BlockLayout, block_sparse_attention, ops, reference
+from kernel_choice import kernel_choice
 from masks import local_sink_layout, random_layout
 from tolerance import assert_close_fp32, assert_within_twice_reference
 
@@ -238,6 +239,9 @@ CUDA_SHAPES = [(2, 3, 256, 64, 64, 0), (1, 2, 300, 64, 64, 17), (2, 2, 200, 128,
                (1, 2, 384, 128, 64, 70), (2, 2, 190, 80, 64, 5), (1, 1, 40, 64, 64, 0),
                (1, 2, 520, 64, 128, 130)]
 CUDA_LAYOUTS = ["random", "random_no_diagonal", "per_batch", "causal", "empty", "local_sink"]
+# Sequences of many key tiles per query block, where the pipelined kernels' steady state runs.
+LONG_SHAPES = [(1, 2, 2048, 64, 64, 0), (1, 2, 1024, 128, 128, 70)]
+attention_kernel = kernel_choice("LONG_EXPOSURE_ATTENTION_KERNEL")
 
 
 def to_cuda(inputs):
@@ -255,7 +259,18 @@ def assert_lse_within_twice_reference(lse, low_lse, ref_lse, name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("kind", CUDA_LAYOUTS)
-def test_cuda_kernels_within_twice_reference_error(dtype, shape, kind):
+def test_cuda_kernels_within_twice_reference_error(dtype, shape, kind, attention_kernel):
+    check_cuda_kernels(dtype, shape, kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", LONG_SHAPES)
+@pytest.mark.parametrize("kind", ["random", "causal"])
+def test_cuda_kernels_on_long_sequences(shape, kind, attention_kernel):
+    check_cuda_kernels(torch.bfloat16, shape, kind)
+
+
+def check_cuda_kernels(dtype, shape, kind):
     B, H, S, D, block, P = shape
     low, g = make_inputs(shape, dtype, seed=hash((shape, kind)) % 1000)
     layout = make_layout(kind, B, H, S, block, g)
@@ -311,7 +326,7 @@ def _poisoned_cuda_outputs(inputs, layout, scale, dout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [CUDA_SHAPES[1], CUDA_SHAPES[2], CUDA_SHAPES[4], CUDA_SHAPES[6]])
 @pytest.mark.parametrize("kind", ["random", "empty", "per_batch"])
-def test_cuda_kernels_write_every_output(shape, kind):
+def test_cuda_kernels_write_every_output(shape, kind, attention_kernel):
     B, H, S, D, block, P = shape
     inputs, g = make_inputs(shape, torch.bfloat16, seed=21, requires_grad=False)
     layout = make_layout(kind, B, H, S, block, g).to("cuda")
@@ -329,7 +344,7 @@ def test_cuda_kernels_write_every_output(shape, kind):
 
 
 @pytest.mark.gpu
-def test_cuda_kernels_take_strided_and_misaligned_inputs():
+def test_cuda_kernels_take_strided_and_misaligned_inputs(attention_kernel):
     g = torch.Generator().manual_seed(22)
     qkv = torch.randn(2, 130, 3, 2, 64, generator=g).bfloat16().cuda()  # [batch, seq, (q,k,v), heads, dim]
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))

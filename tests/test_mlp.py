@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from long_exposure import MlpMask, neuron_block_mlp, ops, reference
+from kernel_choice import kernel_choice
 from masks import random_mlp_mask
 from tolerance import assert_close_fp32, assert_within_twice_reference
 
@@ -321,15 +322,7 @@ def check_cuda_kernel(shape, dtype, mask, lora_rank, bias, seed):
         assert_within_twice_reference(ours[name], theirs[name], fp32_grads[name], f"grad {name}", floor=1e-3 * scale)
 
 
-@pytest.fixture(params=["default", "mma"])
-def mlp_kernel(request, monkeypatch):
-    """Each CUDA test runs on the kernels the device gets by default (wgmma on a Hopper) and on the
-    portable mma.sync ones."""
-    if request.param == "mma":
-        monkeypatch.setenv("LONG_EXPOSURE_MLP_KERNEL", "mma")
-    else:
-        monkeypatch.delenv("LONG_EXPOSURE_MLP_KERNEL", raising=False)
-    return request.param
+mlp_kernel = kernel_choice("LONG_EXPOSURE_MLP_KERNEL")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,391 @@
+// The block-sparse causal attention forward on Hopper's wgmma (sm_90a only; contract:
+// attention.h, the same outputs as forward_kernel in block_sparse_attention.cuh, whose backward
+// consumes the logsumexp written here).
+//
+// Why a second forward: the mma.sync kernel holds 16 query rows per warp and reaches about half of
+// cuDNN's rate at density 1 (bench/RESULTS.md); wgmma lets a warpgroup multiply 64 rows at once
+// with operands read straight from shared memory, which the older instruction cannot.
+//
+// Shape of the work. One thread block per (query block, head, batch) as before; one warpgroup
+// (128 threads) per 64 query rows, so a 128-row layout block has two, which share every key and
+// value tile. Keys arrive in 64-key segments: the prefix's first, then BLK / 64 per listed key
+// block. A tile is kSegments segments (128 keys where registers and shared memory allow, else 64),
+// gathered row by row by cp.async, so two 64-key layout blocks far apart still make one 128-wide
+// product; a segment past the end is zero-filled and masked out entirely.
+//
+// Per tile t, every warpgroup:
+//   issue S_t = Q K_t^T        wgmma, both operands in shared memory (K-major), fp32 in registers;
+//   rescale O for S_{t-1}'s maxima while S_t runs;
+//   issue O += P_{t-1} V_{t-1} wgmma with A from registers, right behind S_t;
+//   wait for S_t only, then mask, online softmax and exponentiate S_t while the tensor cores are
+//   still on P_{t-1} V_{t-1};
+//   (next iteration) wait for that, round S_t into P_t's A fragments.
+// P never touches shared memory: the accumulator layout of S is the register-A layout of the
+// second product (wgmma_attention.cuh). One more pass after the last tile adds P_last V_last.
+// The two warpgroups of a 128-row block also interleave on the tensor cores by themselves.
+//
+// Shared memory: Q (BLK x D), two key tiles and two value tiles, all in 128-byte-swizzled 64-column
+// panels (wgmma::Panels). At the top of iteration t one barrier publishes K_t and V_{t-1} (issued
+// one iteration earlier) and certifies that every warpgroup has finished S_{t-1} and
+// P_{t-2} V_{t-2}, whose buffers the loads of K_{t+1} and V_t then reuse.
+//
+// Softmax in base 2 on scores times scale * log2(e), as in the mma.sync kernel; the saved
+// logsumexp is (m + log2 l) * ln 2, the natural log of the sum of exp(scale * q.k).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "block_sparse_attention.cuh"
+#include "wgmma_attention.cuh"
+
+namespace long_exposure {
+namespace attention_cuda {
+namespace sm90 {
+
+template <int D, int BLK>
+struct Config {
+  static_assert(D == 64 || D == 128, "the wgmma forward takes head dims 64 and 128");
+  static_assert(BLK == 64 || BLK == 128, "the wgmma forward takes blocks of 64 and 128");
+  static constexpr int kGroups = BLK / 64;  // warpgroups, 64 query rows each
+  static constexpr int kThreads = 128 * kGroups;
+  // A 64-row block with head dim 128 keeps 64-key tiles: two thread blocks then fit an SM (80 KiB
+  // of shared memory each); with 128-key tiles one would (144 KiB) and idle through its barriers.
+  static constexpr int kSegments = (D == 128 && BLK == 64) ? 1 : 2;
+  static constexpr int kKeys = 64 * kSegments;
+  static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 64 ? 3 : 2);
+  static constexpr int kQElements = BLK * D, kTileElements = kKeys * D;
+  template <typename T>
+  static size_t smem_bytes(int n_q) {
+    // 1 KiB of slack puts the tiles on the 1024-byte boundary the swizzle pattern is taken from.
+    return 1024 + static_cast<size_t>(kQElements + 4 * kTileElements) * sizeof(T) + (n_q + 4) * sizeof(int);
+  }
+};
+
+// Copies rows [row0, row0 + ROWS) of a plane into rows [dst_row, dst_row + ROWS) of a panelled
+// shared tile of TILE_ROWS rows; rows at or past `end` become zeros (the source clamped to the
+// plane's start, a valid address), so no product needs a guard against garbage.
+template <typename T, int D, int TILE_ROWS, int ROWS, int THREADS>
+__device__ __forceinline__ void load_panel_rows(T* tile, int dst_row, const T* plane, int64_t stride, int row0,
+                                                int end) {
+  constexpr int kPieces = D / 8;
+  static_assert(ROWS * kPieces % THREADS == 0, "every thread copies the same number of pieces");
+#pragma unroll
+  for (int j = 0; j < ROWS * kPieces / THREADS; ++j) {
+    const int c = static_cast<int>(threadIdx.x) + j * THREADS;
+    const int r = c / kPieces, col = (c % kPieces) * 8;
+    const bool valid = row0 + r < end;
+    const T* src = plane + (valid ? static_cast<int64_t>(row0 + r) * stride + col : 0);
+    ptx::cp_async_16(tile + wgmma::Panels<TILE_ROWS>::offset(dst_row + r, col), src, valid);
+  }
+}
+
+// The keys a query block visits, as 64-key segments: the prefix's, then BLK / 64 segments of each
+// listed key block in list order; segment numbers at or past n are empty.
+template <typename T, int BLK>
+struct Segments {
+  static constexpr int kPerBlock = BLK / 64;
+  const int* list;  // the query block's compacted key-block list, in shared memory
+  int qb, prefix, seq, n_prefix, n;
+  const T *k, *v, *pk, *pv;
+  int64_t k_ss, v_ss, pk_ss, pv_ss;
+
+  __device__ Segments(const ForwardParams& p, const int* s_list, int n_list, int b, int h, int query_block)
+      : list(s_list), qb(query_block), prefix(p.prefix), seq(p.seq), n_prefix((p.prefix + 63) / 64),
+        n(n_prefix + n_list * kPerBlock), k(p.k.plane<T>(b, h)), v(p.v.plane<T>(b, h)),
+        pk(p.pk.data ? p.pk.plane<T>(b, h) : nullptr), pv(p.pv.data ? p.pv.plane<T>(b, h) : nullptr),
+        k_ss(p.k.ss), v_ss(p.v.ss), pk_ss(p.pk.ss), pv_ss(p.pv.ss) {}
+
+  // Starts the copy of segment u's keys (or values) into rows [64 slot, 64 slot + 64) of a tile.
+  template <int D, int TILE_ROWS, int THREADS>
+  __device__ __forceinline__ void load(T* tile, int slot, int u, bool values) const {
+    const T* plane = values ? v : k;
+    int64_t stride = values ? v_ss : k_ss;
+    int row0 = 0, end = 0;  // an empty segment reads nothing and writes zeros
+    if (u < n_prefix) {
+      plane = values ? pv : pk;
+      stride = values ? pv_ss : pk_ss;
+      row0 = u * 64;
+      end = prefix;
+    } else if (u < n) {
+      const int w = u - n_prefix;
+      row0 = list[w / kPerBlock] * BLK + (w % kPerBlock) * 64;
+      end = seq;
+    }
+    load_panel_rows<T, D, TILE_ROWS, 64, THREADS>(tile, 64 * slot, plane, stride, row0, end);
+  }
+
+  // Segment u's first key and the last key each of a thread's two query rows may see. Returns
+  // false when both see all 64 keys, so the caller can skip the comparisons: a partial prefix
+  // segment, the diagonal block (causality) and empty segments need them. Keys past the sequence
+  // only exist in the last block, which only its own query block lists, on its diagonal.
+  __device__ __forceinline__ bool bounds(int u, int i_lo, int i_hi, int& key0, int& last_lo, int& last_hi) const {
+    if (u < n_prefix) {
+      key0 = u * 64;
+      last_lo = last_hi = prefix - 1;
+      return key0 + 64 > prefix;
+    }
+    if (u < n) {
+      const int w = u - n_prefix, kb = list[w / kPerBlock];
+      key0 = kb * BLK + (w % kPerBlock) * 64;
+      last_lo = last_hi = INT_MAX;
+      if (kb != qb) return false;
+      last_lo = i_lo;
+      last_hi = i_hi;
+      return true;
+    }
+    key0 = 0;
+    last_lo = last_hi = -1;
+    return true;
+  }
+};
+
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMinBlocks)
+    forward_kernel(ForwardParams p) {
+  using C = Config<D, BLK>;
+  constexpr int kKeys = C::kKeys, kSegments = C::kSegments, kThreads = C::kThreads;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  T* s_k = s_q + C::kQElements;         // two key tiles
+  T* s_v = s_k + 2 * C::kTileElements;  // two value tiles
+  int* s_list = reinterpret_cast<int*>(s_v + 2 * C::kTileElements);
+  int* s_count = s_list + p.n_q;
+
+  // The last query blocks see the most keys; starting them first evens out the tail.
+  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
+  const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
+                                  p.capacity, 0, qb);
+  const Segments<T, BLK> segments(p, s_list, n_list, b, h, qb);
+  const int n_tiles = (segments.n + kSegments - 1) / kSegments;
+  auto issue = [&](int t, bool values) {
+    T* tile = (values ? s_v : s_k) + (t & 1) * C::kTileElements;
+#pragma unroll
+    for (int g = 0; g < kSegments; ++g)
+      segments.template load<D, kKeys, kThreads>(tile, g, t * kSegments + g, values);
+  };
+
+  if (n_tiles > 0) {
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
+    issue(0, false);
+  }
+  ptx::cp_async_commit();
+
+  // This thread's accumulator rows (query positions) and first column within each 8-column group.
+  const int i_lo = qb * BLK + group * 64 + warp * 16 + lane / 4, i_hi = i_lo + 8;
+  const int c = (lane % 4) * 2;
+  const T* q_rows = s_q + group * 64 * 64;  // this warpgroup's 64 rows of Q's first panel
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  float o[D / 2];
+  float s[kKeys / 2];
+  uint32_t pf[kKeys / 16][4];  // P_{t-1} as the A fragments of the second product
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kKeys / 2; ++i) s[i] = 0.f;  // only so the first product reads defined values
+
+  // Waits for the loads issued one iteration earlier, publishes them to the tensor cores (the
+  // async proxy) and to the other warpgroup, then starts K_{t+1} and V_t into the buffers of K_{t-1}
+  // and V_{t-2}, which every warpgroup finished with before arriving here.
+  auto next_tile = [&](int t) {
+    ptx::cp_async_wait<0>();
+    wgmma::fence_proxy();
+    __syncthreads();
+    if (t + 1 < n_tiles) issue(t + 1, false);
+    if (t < n_tiles) issue(t, true);
+    ptx::cp_async_commit();
+  };
+  auto issue_scores = [&](int t) {
+    const T* k_tile = s_k + (t & 1) * C::kTileElements;
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+      // K-major: a k-step is 32 bytes along the 128-byte rows of one panel; 8-row atoms 1 KiB apart.
+      const uint64_t da = wgmma::descriptor(q_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
+      const uint64_t db = wgmma::descriptor(k_tile + (kk / 64) * kKeys * 64 + kk % 64, 16, 1024);
+      wgmma::WgmmaSS<T, kKeys>::run(s, da, db, kk > 0);
+    }
+    wgmma::commit();
+  };
+  auto issue_values = [&](int t) {
+    const T* v_tile = s_v + (t & 1) * C::kTileElements;
+#pragma unroll
+    for (int ks = 0; ks < kKeys / 16; ++ks) {
+      // MN-major: a k-step is 16 key rows of 128 bytes; head-dim panels kKeys rows apart.
+      const uint64_t db = wgmma::descriptor(v_tile + ks * 16 * 64, kKeys * 64 * sizeof(T), 1024);
+      wgmma::WgmmaRS<T, D>::run(o, pf[ks], db);
+    }
+    wgmma::commit();
+  };
+  // Masks and exponentiates S_t in place and updates the running maxima and sums; alpha gets the
+  // factors that bring O from the old maxima to the new ones.
+  auto softmax = [&](int t, float& alpha_lo, float& alpha_hi) {
+#pragma unroll
+    for (int g = 0; g < kSegments; ++g) {
+      int key0, last_lo, last_hi;
+      if (segments.bounds(t * kSegments + g, i_lo, i_hi, key0, last_lo, last_hi)) {
+#pragma unroll
+        for (int i = 8 * g; i < 8 * g + 8; ++i) {
+          const int j = key0 + (i - 8 * g) * 8 + c;
+          s[4 * i] = j <= last_lo ? s[4 * i] * p.scale_log2 : -INFINITY;
+          s[4 * i + 1] = j + 1 <= last_lo ? s[4 * i + 1] * p.scale_log2 : -INFINITY;
+          s[4 * i + 2] = j <= last_hi ? s[4 * i + 2] * p.scale_log2 : -INFINITY;
+          s[4 * i + 3] = j + 1 <= last_hi ? s[4 * i + 3] * p.scale_log2 : -INFINITY;
+        }
+      } else {
+#pragma unroll
+        for (int i = 32 * g; i < 32 * g + 32; ++i) s[i] *= p.scale_log2;
+      }
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kKeys / 8; ++i) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s[4 * i], s[4 * i + 1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    // A row's columns are spread over the four threads of a quad.
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+    // A row with no visible key so far keeps m = -inf; subtracting 0 then keeps exp2 at 0, not NaN.
+    const float base_lo = new_lo == -INFINITY ? 0.f : new_lo;
+    const float base_hi = new_hi == -INFINITY ? 0.f : new_hi;
+    alpha_lo = wgmma::exp2_ftz(m_lo - base_lo);
+    alpha_hi = wgmma::exp2_ftz(m_hi - base_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int i = 0; i < kKeys / 8; ++i) {
+      s[4 * i] = wgmma::exp2_ftz(s[4 * i] - base_lo);
+      s[4 * i + 1] = wgmma::exp2_ftz(s[4 * i + 1] - base_lo);
+      s[4 * i + 2] = wgmma::exp2_ftz(s[4 * i + 2] - base_hi);
+      s[4 * i + 3] = wgmma::exp2_ftz(s[4 * i + 3] - base_hi);
+      sum_lo += s[4 * i] + s[4 * i + 1];
+      sum_hi += s[4 * i + 2] + s[4 * i + 3];
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+  };
+
+  auto rescale = [&](float alpha_lo, float alpha_hi) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[4 * i] *= alpha_lo;
+      o[4 * i + 1] *= alpha_lo;
+      o[4 * i + 2] *= alpha_hi;
+      o[4 * i + 3] *= alpha_hi;
+    }
+  };
+
+  // The first and the last tile are peeled off the loop, so that no wgmma sits on a path ptxas
+  // cannot prove uniform (it would serialize them all). ptxas also schedules a wgmma wait at the
+  // top of its basic block, whatever independent work precedes it there; so the wait for
+  // P_{t-1} V_{t-1} opens the next iteration, where the loop's back edge keeps it behind the
+  // exponentials of S_t, and O is rescaled for S_t's maxima while S_{t+1} runs.
+  if (n_tiles > 0) {
+    float alpha_lo, alpha_hi;
+    next_tile(0);
+    wgmma::fence_registers(s);
+    wgmma::fence();
+    issue_scores(0);
+    wgmma::wait_all();
+    wgmma::fence_registers(s);
+    softmax(0, alpha_lo, alpha_hi);
+
+    for (int t = 1; t < n_tiles; ++t) {
+      // O and P_{t-2}'s registers are the tensor cores' until this wait.
+      wgmma::wait_all();
+      wgmma::fence_registers(o);
+      wgmma::fence_registers(pf);
+      wgmma::to_fragments<T, kKeys>(pf, s);  // P_{t-1}
+      next_tile(t);
+      wgmma::fence_registers(s);
+      wgmma::fence();
+      issue_scores(t);
+      rescale(alpha_lo, alpha_hi);
+      wgmma::fence_registers(o);
+      wgmma::fence_registers(pf);
+      wgmma::fence();  // O was just written: the product must read the new values
+      issue_values(t - 1);
+      wgmma::wait_one();  // S_t is done; P_{t-1} V_{t-1} may still run
+      wgmma::fence_registers(s);
+      softmax(t, alpha_lo, alpha_hi);
+    }
+
+    wgmma::wait_all();
+    wgmma::fence_registers(o);
+    wgmma::fence_registers(pf);
+    wgmma::to_fragments<T, kKeys>(pf, s);  // P_{n-1}
+    next_tile(n_tiles);
+    rescale(alpha_lo, alpha_hi);
+    wgmma::fence_registers(o);
+    wgmma::fence_registers(pf);
+    wgmma::fence();
+    issue_values(n_tiles - 1);
+    wgmma::wait_all();
+    wgmma::fence_registers(o);
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  if (lane % 4 == 0) {
+    if (i_lo < p.seq) lse[i_lo] = l_lo > 0.f ? (m_lo + log2f(l_lo)) * kLn2 : -INFINITY;
+    if (i_hi < p.seq) lse[i_hi] = l_hi > 0.f ? (m_hi + log2f(l_hi)) * kLn2 : -INFINITY;
+  }
+
+  // The output passes through this warp's own 16 rows of the Q tile (which only this warpgroup's
+  // finished products read) so that global stores are 16 bytes wide and coalesced; the swizzle
+  // keeps both the fragment writes and the row reads free of bank conflicts.
+  const float f_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, f_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+  const int warp_row = group * 64 + warp * 16, r_lo = warp_row + lane / 4;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    *reinterpret_cast<uint32_t*>(s_q + wgmma::Panels<BLK>::offset(r_lo, 8 * i + c)) =
+        ptx::Mma<T>::pack(o[4 * i] * f_lo, o[4 * i + 1] * f_lo);
+    *reinterpret_cast<uint32_t*>(s_q + wgmma::Panels<BLK>::offset(r_lo + 8, 8 * i + c)) =
+        ptx::Mma<T>::pack(o[4 * i + 2] * f_hi, o[4 * i + 3] * f_hi);
+  }
+  __syncwarp();
+  T* out = p.out.plane<T>(b, h);
+  constexpr int kPieces = D / 8;
+#pragma unroll
+  for (int i = lane; i < 16 * kPieces; i += 32) {
+    const int r = i / kPieces, col = (i % kPieces) * 8;
+    const int query = qb * BLK + warp_row + r;
+    if (query < p.seq)
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(query) * p.out.ss + col) =
+          *reinterpret_cast<const uint4*>(s_q + wgmma::Panels<BLK>::offset(warp_row + r, col));
+  }
+}
+
+}  // namespace sm90
+
+template <typename T, int D, int BLK>
+void launch_forward_sm90(const AttentionForwardArgs& a) {
+  using C = sm90::Config<D, BLK>;
+  const ForwardParams p = forward_params(a);
+
+  const size_t smem = C::template smem_bytes<T>(p.n_q);
+  auto kernel = sm90::forward_kernel<T, D, BLK>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+             "attention forward (wgmma) shared memory");
+  const dim3 grid(p.n_q, p.heads, static_cast<unsigned>(a.q.size(0)));
+  kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
+}
+
+}  // namespace attention_cuda
+}  // namespace long_exposure
