@@ -46,8 +46,8 @@ def kernel_breakdown(step, steps: int = 2) -> tuple[dict[str, float], str]:
 
 
 def host_breakdown(step, steps: int = 3, rows: int = 40) -> str:
-    """cProfile's top functions by own time over `steps` calls of step() (the GPU keeps running,
-    so with a host-bound step this is where the step's time goes)."""
+    """cProfile's top functions by own and by cumulative time over `steps` calls of step() (the
+    GPU keeps running, so with a host-bound step this is where the step's time goes)."""
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
     profiler.enable()
@@ -56,7 +56,9 @@ def host_breakdown(step, steps: int = 3, rows: int = 40) -> str:
     torch.cuda.synchronize()
     profiler.disable()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
     return out.getvalue()
 
 

@@ -191,6 +191,7 @@ __global__ void __launch_bounds__(kThreads)
       sweep_atom(a, lut_counts, lut_indices, n, cells, false, gain, added);
       // Covering only removes cells, so an atom that adds no block or no mass now never will.
       if (added == 0 || gain <= 0) {
+        __syncwarp();  // every lane has read done[a]: the write cannot overtake another lane's read
         if (lane == 0) done[a] = 1;
         continue;
       }

@@ -77,7 +77,9 @@ def attention_forward(
         return out.contiguous(), lse.contiguous()
     q, k, v, prefix_k, prefix_v = map(_aligned, (q, k, v, prefix_k, prefix_v))
     counts, indices = counts.contiguous(), indices.contiguous()
-    out = q.new_empty(B, H, S, D)
+    # Laid out like q: q is usually a [B, S, H, D] projection seen as [B, H, S, D], and an output in
+    # that memory order makes the caller's transpose back to [B, S, H * D] free (so for dq, dk, dv).
+    out = torch.empty_like(q)
     lse = q.new_empty(B, H, S, dtype=torch.float32)
     view = viewer(q)
     _C.attention_forward(
@@ -90,7 +92,7 @@ def attention_forward(
 @attention_forward.register_fake
 def _(q, k, v, prefix_k, prefix_v, counts, indices, block, scale):
     B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
-    return q.new_empty(B, H, S, D), q.new_empty(B, H, S, dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(B, H, S, dtype=torch.float32)
 
 
 @torch.library.custom_op("long_exposure::attention_backward", mutates_args=())
@@ -115,7 +117,7 @@ def attention_backward(
     dout, q, k, v, prefix_k, prefix_v, out = map(_aligned, (dout, q, k, v, prefix_k, prefix_v, out))
     counts, indices, lse = counts.contiguous(), indices.contiguous(), lse.contiguous()
     need_dprefix = need_dprefix and prefix_k is not None
-    dq, dk, dv = (q.new_empty(B, H, S, D) for _ in range(3))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dpk = q.new_empty(prefix_k.shape) if need_dprefix else q.new_empty(0)
     dpv = q.new_empty(prefix_v.shape) if need_dprefix else q.new_empty(0)
     workspaces = (None, None, None)
@@ -139,7 +141,7 @@ def _(dout, q, k, v, prefix_k, prefix_v, out, lse, counts, indices, block, scale
     B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
     has = need_dprefix and prefix_k is not None
     return (
-        *(q.new_empty(B, H, S, D) for _ in range(3)),
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
         q.new_empty(prefix_k.shape) if has else q.new_empty(0),
         q.new_empty(prefix_v.shape) if has else q.new_empty(0),
     )
