@@ -73,7 +73,7 @@ void attention_forward_cuda(const AttentionForwardArgs& a) {
     require_aligned(*view, name);
   if (a.q.numel() == 0) return;
   DeviceGuard guard(a.q.device_index);
-  // The wgmma forward (cuda/sm90a/) takes head dims 64 and 128; the backward is mma.sync everywhere.
+  // The wgmma kernels (cuda/sm90a/) take head dims 64 and 128, forward and backward alike.
   const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
   dispatch(a.q.dtype, D, block, [&](auto tag, auto dim, auto blk) {
     using T = decltype(tag);
@@ -118,8 +118,19 @@ void attention_backward_cuda(const AttentionBackwardArgs& a) {
   TensorView counts = a.layout.counts;
   t_counts.stream = t_indices.stream = counts.stream = a.q.stream;
   transpose_block_lists_cuda(counts, a.layout.indices, t_counts, t_indices);
+  const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
   dispatch(a.q.dtype, D, block, [&](auto tag, auto dim, auto blk) {
-    attention_cuda::launch_backward<decltype(tag), decltype(dim)::value, decltype(blk)::value>(a);
+    using T = decltype(tag);
+    constexpr int kDim = decltype(dim)::value, kBlock = decltype(blk)::value;
+#ifdef LONG_EXPOSURE_WITH_SM90A
+    if constexpr (kDim == 64 || kDim == 128) {
+      if (hopper) {
+        attention_cuda::launch_backward_sm90<T, kDim, kBlock>(a);
+        return;
+      }
+    }
+#endif
+    attention_cuda::launch_backward<T, kDim, kBlock>(a);
   });
 }
 

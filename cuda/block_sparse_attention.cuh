@@ -710,8 +710,8 @@ __global__ void __launch_bounds__(BLK * 2) dkv_kernel(BackwardParams p) {
                    kb * BLK + warp * 16, key_limit);
 }
 
-template <typename T, int D, int BLK>
-void launch_backward(const AttentionBackwardArgs& a) {
+// The kernels' view of a backward call (both backward kernel families take it).
+inline BackwardParams backward_params(const AttentionBackwardArgs& a) {
   auto operand = [](const TensorView& t) {
     Operand o;
     if (t.defined()) o = Operand{t.data, t.stride(0), t.stride(1), t.stride(2)};
@@ -740,7 +740,6 @@ void launch_backward(const AttentionBackwardArgs& a) {
   p.indices = a.layout.indices.ptr<const int32_t>();
   p.t_counts = a.ws_q_counts.ptr<const int32_t>();
   p.t_indices = a.ws_q_indices.ptr<const int32_t>();
-  const int batch = static_cast<int>(a.q.size(0));
   p.heads = static_cast<int>(a.q.size(1));
   p.seq = static_cast<int>(a.q.size(2));
   p.prefix = a.prefix_k.defined() ? static_cast<int>(a.prefix_k.size(2)) : 0;
@@ -752,14 +751,27 @@ void launch_backward(const AttentionBackwardArgs& a) {
   p.want_prefix = a.dprefix_k.defined() && p.prefix > 0;
   p.scale = static_cast<float>(a.scale);
   p.scale_log2 = p.scale * kLog2e;
-  cudaStream_t stream = stream_of(a.q.stream);
+  return p;
+}
 
-  const int64_t rows = static_cast<int64_t>(batch) * p.heads * p.seq;
+// delta = rowsum(dout * out), which both dK/dV and dQ kernels read.
+template <typename T, int D>
+void launch_delta(const AttentionBackwardArgs& a, const BackwardParams& p, cudaStream_t stream) {
+  auto operand = [](const TensorView& t) { return Operand{t.data, t.stride(0), t.stride(1), t.stride(2)}; };
+  const int64_t rows = a.q.size(0) * static_cast<int64_t>(p.heads) * p.seq;
   if (rows > 0) {
     delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
         p.dout, operand(a.out), a.ws_delta.ptr<float>(), p.heads, p.seq, rows);
     check_cuda(cudaGetLastError(), "attention backward delta kernel launch");
   }
+}
+
+template <typename T, int D, int BLK>
+void launch_backward(const AttentionBackwardArgs& a) {
+  const BackwardParams p = backward_params(a);
+  const int batch = static_cast<int>(a.q.size(0));
+  cudaStream_t stream = stream_of(a.q.stream);
+  launch_delta<T, D>(a, p, stream);
 
   {
     using Shape = DkvShape<D, BLK>;

@@ -21,5 +21,10 @@ void launch_backward(const AttentionBackwardArgs& args);
 template <typename T, int D, int BLK>
 void launch_forward_sm90(const AttentionForwardArgs& args);
 
+// The backward on wgmma (cuda/sm90a/, the same conditions as launch_forward_sm90): the delta pass,
+// then wgmma dK/dV and dQ kernels. Needs the workspaces filled in as launch_backward does.
+template <typename T, int D, int BLK>
+void launch_backward_sm90(const AttentionBackwardArgs& args);
+
 }  // namespace attention_cuda
 }  // namespace long_exposure

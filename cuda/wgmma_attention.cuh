@@ -1,6 +1,7 @@
-// The wgmma forms the Hopper attention forward needs beyond wgmma_gemm.cuh (sm_90a only):
-//   S = Q K^T: both operands in shared memory, K-major, N = 64 or 128 keys, with the first k-step
-//     overwriting the accumulator (scale-d 0), so S needs no zeroing between key tiles;
+// The wgmma forms the Hopper attention kernels need beyond wgmma_gemm.cuh (sm_90a only):
+//   S = Q K^T: both operands in shared memory, K-major, N = 64 or 128 keys (32 or 64 queries in
+//     the backward's transposed products), with the first k-step overwriting the accumulator
+//     (scale-d 0), so S needs no zeroing between key tiles;
 //   O += P V: P from registers, V in shared memory MN-major (transposed on read), N = head dim.
 // The register form takes A in the per-warp layout of mma.sync m16n8k16 (PTX ISA, "Register
 // fragments" of wgmma m64nNk16: warp w of the warpgroup holds rows 16 w .. 16 w + 15), which is
@@ -48,7 +49,11 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
     asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
 }
 
-// The accumulator operands of a 64 x 64 and a 64 x 128 product, spelled out once.
+// The accumulator operands of a 64 x 32, a 64 x 64 and a 64 x 128 product, spelled out once.
+#define LONG_EXPOSURE_ATTN_REGS16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define LONG_EXPOSURE_ATTN_OPERANDS16(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define LONG_EXPOSURE_ATTN_REGS32 \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define LONG_EXPOSURE_ATTN_REGS64 \
@@ -105,6 +110,10 @@ struct WgmmaRS;
     }                                                                                              \
   };
 
+// N = 32: the backward's 32-query tiles at head dim 128, where wider ones would not leave the
+// registers for dK and dV.
+LONG_EXPOSURE_ATTN_SS(__nv_bfloat16, "bf16", 32, LONG_EXPOSURE_ATTN_REGS16, LONG_EXPOSURE_ATTN_OPERANDS16, 16, 17, 18)
+LONG_EXPOSURE_ATTN_SS(__half, "f16", 32, LONG_EXPOSURE_ATTN_REGS16, LONG_EXPOSURE_ATTN_OPERANDS16, 16, 17, 18)
 LONG_EXPOSURE_ATTN_SS(__nv_bfloat16, "bf16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34)
 LONG_EXPOSURE_ATTN_SS(__nv_bfloat16, "bf16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66)
 LONG_EXPOSURE_ATTN_SS(__half, "f16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34)
@@ -118,7 +127,9 @@ LONG_EXPOSURE_ATTN_RS(__half, "f16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSU
 #undef LONG_EXPOSURE_ATTN_OPERANDS64
 #undef LONG_EXPOSURE_ATTN_OPERANDS32
 #undef LONG_EXPOSURE_ATTN_REGS64
+#undef LONG_EXPOSURE_ATTN_OPERANDS16
 #undef LONG_EXPOSURE_ATTN_REGS32
+#undef LONG_EXPOSURE_ATTN_REGS16
 
 // The accumulator of a 64 x N product, rounded to T, as the A fragments of the N / 16 k-steps of
 // the next product: k-step k takes accumulator column groups 2 k (its registers 0, 1 for the

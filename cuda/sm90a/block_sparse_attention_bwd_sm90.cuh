@@ -1,0 +1,514 @@
+// The block-sparse causal attention backward on Hopper's wgmma (sm_90a only; contract:
+// attention.h, the same outputs as dkv_kernel and dq_kernel in block_sparse_attention.cuh, whose
+// delta pass and transposed layout this path keeps).
+//
+// Why: the mma.sync backward holds 16 rows per warp and re-reads every operand through ldmatrix
+// for each of its four products, about twice cuDNN's time at OPT-1.3B shapes; wgmma multiplies 64
+// rows per warpgroup with the shared operands read by the tensor cores themselves.
+//
+// dK/dV pass. One thread block per (key block or prefix block, head, batch), one warpgroup per 64
+// keys; a 128-key block has two, sharing every query tile. As in the mma.sync kernel every product
+// is taken transposed, keys as rows, so each warpgroup's dK and dV rows are its own and nothing
+// is reduced across threads. Per query tile (64 queries, 32 at head dim 128 where dK and dV take
+// 128 registers):
+//   S^T = K Q^T and dP^T = V dO^T   two shared-memory wgmma groups, both operands K-major;
+//   P^T = exp2(S^T scale log2e - lse) as soon as S^T lands, while dP^T still runs;
+//   dV += P^T dO                    register-A wgmma (P^T rounded in place), dO read MN-major;
+//   dS^T = P^T (dP^T - delta)       while dV's product runs;
+//   dK += dS^T Q                    register-A wgmma, Q read MN-major.
+// The accumulator layout of a 64 x N product is the register-A layout of the next (see
+// wgmma_attention.cuh), so neither P nor dS touches shared memory. Tile t's dV and dK products
+// are not waited for in iteration t: they run on behind the next barrier and the next tile's
+// S^T and dP^T, whose first wait retires them, so the tensor cores see the products back to back.
+// Hence three buffers of Q and dO tiles (and of their rows' lse and delta): the copy of tile t + 1
+// starts right behind the barrier that publishes tile t, into the buffers of tile t - 2, which
+// every warpgroup retired in iteration t - 1.
+//
+// dQ pass. One thread block per (query block, head, batch), one warpgroup per 64 query rows, keys
+// in 64-key segments exactly as the forward walks them (prefix first): S = Q K^T and dP = dO V^T
+// from shared memory, P and dS in registers, dQ += dS K with K read MN-major; key and value tiles
+// triple-buffered the same way (double-buffered, dQ waited for in its own iteration, where three
+// buffers would cost an SM one of its thread blocks).
+//
+// Every exit of the products' registers from the tensor cores is marked by fence_registers
+// right after the wait that retires them, so the compiler keeps those registers, fragments
+// included, untouched while a product may still read or write them.
+//
+// lse arrives as the forward wrote it (natural log) and is taken to log2 units by backward_lse,
+// which turns it into +inf for rows past the sequence or with nothing visible, so their P is 0.
+// Keys past the sequence or the prefix are zero-filled; their rows of dK/dV hold values that are
+// never stored, and their columns of dQ's products are masked.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "block_sparse_attention.cuh"
+#include "block_sparse_attention_sm90.cuh"
+#include "wgmma_attention.cuh"
+
+namespace long_exposure {
+namespace attention_cuda {
+namespace sm90 {
+
+template <int D, int BLK>
+struct DkvConfig {
+  static_assert(D == 64 || D == 128, "the wgmma backward takes head dims 64 and 128");
+  static_assert(BLK == 64 || BLK == 128, "the wgmma backward takes blocks of 64 and 128");
+  static constexpr int kGroups = BLK / 64, kThreads = 128 * kGroups;
+  static constexpr int kBq = D == 128 ? 32 : 64;  // queries per tile
+  static constexpr int kPerBlock = BLK / kBq;
+  // Three 64-key blocks per SM would cap registers at 168, which spills dK, dV, P, dP and both
+  // fragment sets; two leave room for all.
+  static constexpr int kMinBlocks = BLK == 64 ? 2 : 1;
+  // Three query-tile buffers: tile t + 1 loads while tile t computes and tile t - 1's last
+  // products may still read theirs. Two also work, each tile's products then waited for within
+  // its own iteration.
+  static constexpr int kStages = 3;
+  static constexpr int kKvElements = BLK * D, kTileElements = kBq * D;
+  template <typename T>
+  static size_t smem_bytes(int n_q) {
+    return 1024 + static_cast<size_t>(2 * kKvElements + 2 * kStages * kTileElements) * sizeof(T) +
+           2 * kStages * kBq * sizeof(float) + (n_q + 4) * sizeof(int);
+  }
+};
+
+template <int D, int BLK>
+struct DqConfig {
+  static_assert(D == 64 || D == 128, "the wgmma backward takes head dims 64 and 128");
+  static_assert(BLK == 64 || BLK == 128, "the wgmma backward takes blocks of 64 and 128");
+  static constexpr int kGroups = BLK / 64, kThreads = 128 * kGroups;
+  static constexpr int kKeys = 64;
+  static constexpr int kPerBlock = BLK / kKeys;
+  static constexpr int kMinBlocks = BLK == 64 ? (D == 64 ? 3 : 2) : 1;
+  // Three key/value buffers let tile t's dQ product run on into iteration t + 1 (see dkv_kernel);
+  // a 64-row block at head dim 128 keeps two, which leave room for two thread blocks per SM
+  // (96 KiB each instead of 128).
+  static constexpr int kStages = D == 128 && BLK == 64 ? 2 : 3;
+  static constexpr int kQElements = BLK * D, kTileElements = kKeys * D;
+  template <typename T>
+  static size_t smem_bytes(int n_q) {
+    return 1024 + static_cast<size_t>(2 * kQElements + 2 * kStages * kTileElements) * sizeof(T) +
+           (n_q + 4) * sizeof(int);
+  }
+};
+
+// Writes this warp's 16 rows of a warpgroup's 64 x D accumulator, times factor, to rows
+// [row0, row0 + 16) of a plane, rows at or past `limit` left alone. They pass through the warp's
+// own rows (from warp_row) of a panelled shared tile, which only its warpgroup's finished products
+// read, so that global stores are 16 bytes wide and coalesced.
+template <typename T, int D, int TILE_ROWS>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[D / 2], float factor, T* tile, int warp_row,
+                                                T* plane, int64_t stride, int row0, int limit) {
+  const int lane = threadIdx.x % 32, c = (lane % 4) * 2, r_lo = warp_row + lane / 4;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo, 8 * i + c)) =
+        ptx::Mma<T>::pack(acc[4 * i] * factor, acc[4 * i + 1] * factor);
+    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo + 8, 8 * i + c)) =
+        ptx::Mma<T>::pack(acc[4 * i + 2] * factor, acc[4 * i + 3] * factor);
+  }
+  __syncwarp();
+  constexpr int kPieces = D / 8;
+#pragma unroll
+  for (int i = lane; i < 16 * kPieces; i += 32) {
+    const int r = i / kPieces, col = (i % kPieces) * 8;
+    if (row0 + r < limit)
+      *reinterpret_cast<uint4*>(plane + static_cast<int64_t>(row0 + r) * stride + col) =
+          *reinterpret_cast<const uint4*>(tile + wgmma::Panels<TILE_ROWS>::offset(warp_row + r, col));
+  }
+}
+
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
+    dkv_kernel(BackwardParams p) {
+  using C = DkvConfig<D, BLK>;
+  constexpr int kBq = C::kBq, kPerBlock = C::kPerBlock, kThreads = C::kThreads, kStages = C::kStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_k = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  T* s_v = s_k + C::kKvElements;
+  T* s_q = s_v + C::kKvElements;                // kStages query tiles
+  T* s_do = s_q + kStages * C::kTileElements;   // kStages output-gradient tiles
+  float* s_lse = reinterpret_cast<float*>(s_do + kStages * C::kTileElements);
+  float* s_delta = s_lse + kStages * kBq;
+  int* s_list = reinterpret_cast<int*>(s_delta + kStages * kBq);
+  int* s_count = s_list + p.n_q;
+
+  const int n_prefix_blocks = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
+  // Prefix blocks read every query block, and low key blocks most query blocks: heaviest first.
+  const bool is_prefix = static_cast<int>(blockIdx.x) < n_prefix_blocks;
+  const int kb = is_prefix ? blockIdx.x : blockIdx.x - n_prefix_blocks;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+
+  int n_list;
+  if (is_prefix) {
+    for (int i = threadIdx.x; i < p.n_q; i += kThreads) s_list[i] = i;
+    n_list = p.n_q;
+    __syncthreads();
+  } else {
+    const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + kb;
+    n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts[row], p.t_capacity, kb,
+                          p.n_q - 1);
+  }
+  const int n_tiles = n_list * kPerBlock;
+
+  const T* q = p.q.plane<T>(b, h);
+  const T* dout = p.dout.plane<T>(b, h);
+  const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  auto tile_q0 = [&](int t) { return s_list[t / kPerBlock] * BLK + (t % kPerBlock) * kBq; };
+  auto issue = [&](int t) {
+    const int buf = t % kStages, q0 = tile_q0(t);
+    load_panel_rows<T, D, kBq, kBq, kThreads>(s_q + buf * C::kTileElements, 0, q, p.q.ss, q0, p.seq);
+    load_panel_rows<T, D, kBq, kBq, kThreads>(s_do + buf * C::kTileElements, 0, dout, p.dout.ss, q0, p.seq);
+  };
+  // Thread r < kBq carries row r's lse and delta; they travel through registers, read from global
+  // memory right after a barrier and stored to shared memory just before the next, so that their
+  // latency hides behind a tile's products instead of holding up the warpgroup's first wgmma.
+  auto fetch_rows = [&](int t, float& lse, float& delta) {
+    const int i = tile_q0(t) + static_cast<int>(threadIdx.x);
+    lse = backward_lse(p.lse + bh, i, p.seq);
+    delta = i < p.seq ? p.delta[bh + i] : 0.f;
+  };
+  auto stage_rows = [&](int t, float lse, float delta) {
+    s_lse[(t % kStages) * kBq + threadIdx.x] = lse;
+    s_delta[(t % kStages) * kBq + threadIdx.x] = delta;
+  };
+
+  const int key_limit = is_prefix ? p.prefix : p.seq;
+  if (n_tiles > 0) {
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_k, 0, is_prefix ? p.pk.plane<T>(b, h) : p.k.plane<T>(b, h),
+                                              is_prefix ? p.pk.ss : p.k.ss, kb * BLK, key_limit);
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_v, 0, is_prefix ? p.pv.plane<T>(b, h) : p.v.plane<T>(b, h),
+                                              is_prefix ? p.pv.ss : p.v.ss, kb * BLK, key_limit);
+    issue(0);
+    if (threadIdx.x < kBq) {
+      float lse, delta;
+      fetch_rows(0, lse, delta);
+      stage_rows(0, lse, delta);
+    }
+  }
+  ptx::cp_async_commit();
+
+  // This thread's accumulator rows (keys) and first column (query) within each 8-column group.
+  const int j_lo = kb * BLK + group * 64 + warp * 16 + lane / 4, j_hi = j_lo + 8;
+  const int c = (lane % 4) * 2;
+  const T* k_rows = s_k + group * 64 * 64;  // this warpgroup's 64 rows of the first panel
+  const T* v_rows = s_v + group * 64 * 64;
+  float dk[D / 2], dv[D / 2];
+  float s[kBq / 2], dp[kBq / 2];
+  uint32_t pf[kBq / 16][4], dsf[kBq / 16][4];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kBq / 2; ++i) s[i] = dp[i] = 0.f;  // only so the first products read defined values
+#pragma unroll
+  for (int i = 0; i < kBq / 16; ++i) {
+    pf[i][0] = pf[i][1] = pf[i][2] = pf[i][3] = 0u;
+    dsf[i][0] = dsf[i][1] = dsf[i][2] = dsf[i][3] = 0u;
+  }
+
+  // Tile t's dV and dK products are left running into iteration t + 1, behind its barrier and its
+  // S^T and dP^T; the first wait there retires them. Every warpgroup has thus finished tile t - 2
+  // before the barrier of iteration t, behind which tile t + 1 loads into tile t - 2's buffers.
+  for (int t = 0; t < n_tiles; ++t) {
+    ptx::cp_async_wait<0>();
+    wgmma::fence_proxy();
+    __syncthreads();
+    if (t + 1 < n_tiles) issue(t + 1);
+    ptx::cp_async_commit();
+    const bool carry = t + 1 < n_tiles && threadIdx.x < kBq;
+    float next_lse = 0.f, next_delta = 0.f;
+    if (carry) fetch_rows(t + 1, next_lse, next_delta);
+    const int buf = t % kStages;
+    const T* tq = s_q + buf * C::kTileElements;
+    const T* tdo = s_do + buf * C::kTileElements;
+    const float* tl = s_lse + buf * kBq;
+    const float* td = s_delta + buf * kBq;
+    const int q0 = tile_q0(t);
+    const bool diagonal = !is_prefix && s_list[t / kPerBlock] == kb;
+
+    wgmma::fence_registers(s);
+    wgmma::fence_registers(dp);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+      // K-major: a k-step is 32 bytes along the 128-byte rows of one panel; 8-row atoms 1 KiB apart.
+      const uint64_t da = wgmma::descriptor(k_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
+      const uint64_t db = wgmma::descriptor(tq + (kk / 64) * kBq * 64 + kk % 64, 16, 1024);
+      wgmma::WgmmaSS<T, kBq>::run(s, da, db, kk > 0);
+    }
+    wgmma::commit();
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+      const uint64_t da = wgmma::descriptor(v_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
+      const uint64_t db = wgmma::descriptor(tdo + (kk / 64) * kBq * 64 + kk % 64, 16, 1024);
+      wgmma::WgmmaSS<T, kBq>::run(dp, da, db, kk > 0);
+    }
+    wgmma::commit();
+
+    wgmma::wait_one();  // S^T and tile t - 1's products are done; dP^T may still run
+    wgmma::fence_registers(s);
+    wgmma::fence_registers(dk);
+    wgmma::fence_registers(dv);
+    wgmma::fence_registers(pf);
+    wgmma::fence_registers(dsf);
+#pragma unroll
+    for (int n = 0; n < kBq / 8; ++n) {
+      const int col = 8 * n + c, i = q0 + col;
+      const float l0 = tl[col], l1 = tl[col + 1];
+      s[4 * n] = !diagonal || j_lo <= i ? wgmma::exp2_ftz(s[4 * n] * p.scale_log2 - l0) : 0.f;
+      s[4 * n + 1] = !diagonal || j_lo <= i + 1 ? wgmma::exp2_ftz(s[4 * n + 1] * p.scale_log2 - l1) : 0.f;
+      s[4 * n + 2] = !diagonal || j_hi <= i ? wgmma::exp2_ftz(s[4 * n + 2] * p.scale_log2 - l0) : 0.f;
+      s[4 * n + 3] = !diagonal || j_hi <= i + 1 ? wgmma::exp2_ftz(s[4 * n + 3] * p.scale_log2 - l1) : 0.f;
+    }
+    wgmma::to_fragments<T, kBq>(pf, s);
+    wgmma::fence_registers(dv);
+    wgmma::fence_registers(pf);
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < kBq / 16; ++ks) {
+      // MN-major: a k-step is 16 query rows of 128 bytes; head-dim panels kBq rows apart.
+      const uint64_t db = wgmma::descriptor(tdo + ks * 16 * 64, kBq * 64 * sizeof(T), 1024);
+      wgmma::WgmmaRS<T, D>::run(dv, pf[ks], db);
+    }
+    wgmma::commit();
+
+    wgmma::wait_one();  // dP^T is done; dV's product may still run
+    wgmma::fence_registers(dp);
+#pragma unroll
+    for (int n = 0; n < kBq / 8; ++n) {
+      const int col = 8 * n + c;
+      const float d0 = td[col], d1 = td[col + 1];
+      dp[4 * n] = s[4 * n] * (dp[4 * n] - d0);
+      dp[4 * n + 1] = s[4 * n + 1] * (dp[4 * n + 1] - d1);
+      dp[4 * n + 2] = s[4 * n + 2] * (dp[4 * n + 2] - d0);
+      dp[4 * n + 3] = s[4 * n + 3] * (dp[4 * n + 3] - d1);
+    }
+    wgmma::to_fragments<T, kBq>(dsf, dp);
+    wgmma::fence_registers(dk);
+    wgmma::fence_registers(dsf);
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < kBq / 16; ++ks) {
+      const uint64_t db = wgmma::descriptor(tq + ks * 16 * 64, kBq * 64 * sizeof(T), 1024);
+      wgmma::WgmmaRS<T, D>::run(dk, dsf[ks], db);
+    }
+    wgmma::commit();
+    if constexpr (kStages == 2) {
+      // Done before the next barrier, behind which tile t + 2 overwrites this tile's buffers.
+      wgmma::wait_all();
+      wgmma::fence_registers(dk);
+      wgmma::fence_registers(dv);
+      wgmma::fence_registers(pf);
+      wgmma::fence_registers(dsf);
+    }
+    // The rows of tile t + 1's buffer were last read in iteration t + 1 - kStages.
+    if (carry) stage_rows(t + 1, next_lse, next_delta);
+  }
+  wgmma::wait_all();
+  wgmma::fence_registers(dk);
+  wgmma::fence_registers(dv);
+  wgmma::fence_registers(pf);
+  wgmma::fence_registers(dsf);
+  ptx::cp_async_wait<0>();
+
+  const Output out_k = is_prefix ? p.dpk : p.dk;
+  const Output out_v = is_prefix ? p.dpv : p.dv;
+  const int warp_row = group * 64 + warp * 16;
+  store_warp_rows<T, D, BLK>(dk, p.scale, s_k, warp_row, out_k.plane<T>(b, h), out_k.ss, kb * BLK + warp_row,
+                             key_limit);
+  store_warp_rows<T, D, BLK>(dv, 1.f, s_v, warp_row, out_v.plane<T>(b, h), out_v.ss, kb * BLK + warp_row,
+                             key_limit);
+}
+
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::kMinBlocks)
+    dq_kernel(BackwardParams p) {
+  using C = DqConfig<D, BLK>;
+  constexpr int kKeys = C::kKeys, kPerBlock = C::kPerBlock, kThreads = C::kThreads, kStages = C::kStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* s_q = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  T* s_do = s_q + C::kQElements;
+  T* s_k = s_do + C::kQElements;              // kStages key tiles
+  T* s_v = s_k + kStages * C::kTileElements;  // kStages value tiles
+  int* s_list = reinterpret_cast<int*>(s_v + kStages * C::kTileElements);
+  int* s_count = s_list + p.n_q;
+
+  // The last query blocks see the most keys; starting them first evens out the tail.
+  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
+  const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
+                                  p.capacity, 0, qb);
+  const int n_prefix = (p.prefix + kKeys - 1) / kKeys;
+  const int n_tiles = n_prefix + n_list * kPerBlock;
+
+  const T* k = p.k.plane<T>(b, h);
+  const T* v = p.v.plane<T>(b, h);
+  const T* pk = p.pk.data ? p.pk.plane<T>(b, h) : nullptr;
+  const T* pv = p.pv.data ? p.pv.plane<T>(b, h) : nullptr;
+  auto issue = [&](int t) {
+    T* tk = s_k + (t % kStages) * C::kTileElements;
+    T* tv = s_v + (t % kStages) * C::kTileElements;
+    if (t < n_prefix) {
+      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tk, 0, pk, p.pk.ss, t * kKeys, p.prefix);
+      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tv, 0, pv, p.pv.ss, t * kKeys, p.prefix);
+    } else {
+      const int w = t - n_prefix, key0 = s_list[w / kPerBlock] * BLK + (w % kPerBlock) * kKeys;
+      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tk, 0, k, p.k.ss, key0, p.seq);
+      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tv, 0, v, p.v.ss, key0, p.seq);
+    }
+  };
+
+  if (n_tiles > 0) {
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
+    issue(0);
+  }
+  ptx::cp_async_commit();
+
+  // This thread's accumulator rows (queries) and first column (key) within each 8-column group.
+  const int i_lo = qb * BLK + group * 64 + warp * 16 + lane / 4, i_hi = i_lo + 8;
+  const int c = (lane % 4) * 2;
+  const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  const float lse_lo = backward_lse(p.lse + bh, i_lo, p.seq);
+  const float lse_hi = backward_lse(p.lse + bh, i_hi, p.seq);
+  const float delta_lo = i_lo < p.seq ? p.delta[bh + i_lo] : 0.f;
+  const float delta_hi = i_hi < p.seq ? p.delta[bh + i_hi] : 0.f;
+  const T* q_rows = s_q + group * 64 * 64;  // this warpgroup's 64 rows of the first panel
+  const T* do_rows = s_do + group * 64 * 64;
+  float dq[D / 2];
+  float s[kKeys / 2], dp[kKeys / 2];
+  uint32_t dsf[kKeys / 16][4];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < kKeys / 2; ++i) s[i] = dp[i] = 0.f;  // only so the first products read defined values
+#pragma unroll
+  for (int i = 0; i < kKeys / 16; ++i) dsf[i][0] = dsf[i][1] = dsf[i][2] = dsf[i][3] = 0u;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    ptx::cp_async_wait<0>();
+    wgmma::fence_proxy();
+    __syncthreads();
+    if (t + 1 < n_tiles) issue(t + 1);
+    ptx::cp_async_commit();
+    const T* tk = s_k + (t % kStages) * C::kTileElements;
+    const T* tv = s_v + (t % kStages) * C::kTileElements;
+
+    wgmma::fence_registers(s);
+    wgmma::fence_registers(dp);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+      const uint64_t da = wgmma::descriptor(q_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
+      const uint64_t db = wgmma::descriptor(tk + (kk / 64) * kKeys * 64 + kk % 64, 16, 1024);
+      wgmma::WgmmaSS<T, kKeys>::run(s, da, db, kk > 0);
+    }
+    wgmma::commit();
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+      const uint64_t da = wgmma::descriptor(do_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
+      const uint64_t db = wgmma::descriptor(tv + (kk / 64) * kKeys * 64 + kk % 64, 16, 1024);
+      wgmma::WgmmaSS<T, kKeys>::run(dp, da, db, kk > 0);
+    }
+    wgmma::commit();
+
+    // The tile's first key and the last key each of this thread's rows may see: prefix keys past
+    // the prefix length are invisible, and causality applies inside the diagonal block.
+    int key0, last_lo, last_hi;
+    if (t < n_prefix) {
+      key0 = t * kKeys;
+      last_lo = last_hi = p.prefix - 1;
+    } else {
+      const int w = t - n_prefix, kb = s_list[w / kPerBlock];
+      key0 = kb * BLK + (w % kPerBlock) * kKeys;
+      last_lo = kb == qb ? i_lo : INT_MAX;
+      last_hi = kb == qb ? i_hi : INT_MAX;
+    }
+
+    wgmma::wait_one();  // S and tile t - 1's product are done; dP may still run
+    wgmma::fence_registers(s);
+    wgmma::fence_registers(dq);
+    wgmma::fence_registers(dsf);
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+      const int j = key0 + 8 * n + c;
+      s[4 * n] = j <= last_lo ? wgmma::exp2_ftz(s[4 * n] * p.scale_log2 - lse_lo) : 0.f;
+      s[4 * n + 1] = j + 1 <= last_lo ? wgmma::exp2_ftz(s[4 * n + 1] * p.scale_log2 - lse_lo) : 0.f;
+      s[4 * n + 2] = j <= last_hi ? wgmma::exp2_ftz(s[4 * n + 2] * p.scale_log2 - lse_hi) : 0.f;
+      s[4 * n + 3] = j + 1 <= last_hi ? wgmma::exp2_ftz(s[4 * n + 3] * p.scale_log2 - lse_hi) : 0.f;
+    }
+    wgmma::wait_all();
+    wgmma::fence_registers(dp);
+#pragma unroll
+    for (int n = 0; n < kKeys / 8; ++n) {
+      dp[4 * n] = s[4 * n] * (dp[4 * n] - delta_lo);
+      dp[4 * n + 1] = s[4 * n + 1] * (dp[4 * n + 1] - delta_lo);
+      dp[4 * n + 2] = s[4 * n + 2] * (dp[4 * n + 2] - delta_hi);
+      dp[4 * n + 3] = s[4 * n + 3] * (dp[4 * n + 3] - delta_hi);
+    }
+    wgmma::to_fragments<T, kKeys>(dsf, dp);
+    wgmma::fence_registers(dq);
+    wgmma::fence_registers(dsf);
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < kKeys / 16; ++ks) {
+      // MN-major: a k-step is 16 key rows of 128 bytes; head-dim panels kKeys rows apart.
+      const uint64_t db = wgmma::descriptor(tk + ks * 16 * 64, kKeys * 64 * sizeof(T), 1024);
+      wgmma::WgmmaRS<T, D>::run(dq, dsf[ks], db);
+    }
+    wgmma::commit();
+    if constexpr (kStages == 2) {
+      // Done before the next barrier, behind which tile t + 2 overwrites this tile's buffers.
+      wgmma::wait_all();
+      wgmma::fence_registers(dq);
+      wgmma::fence_registers(dsf);
+    }
+  }
+  wgmma::wait_all();
+  wgmma::fence_registers(dq);
+  wgmma::fence_registers(dsf);
+  ptx::cp_async_wait<0>();
+
+  const int warp_row = group * 64 + warp * 16;
+  store_warp_rows<T, D, BLK>(dq, p.scale, s_q, warp_row, p.dq.plane<T>(b, h), p.dq.ss, qb * BLK + warp_row, p.seq);
+}
+
+}  // namespace sm90
+
+template <typename T, int D, int BLK>
+void launch_backward_sm90(const AttentionBackwardArgs& a) {
+  const BackwardParams p = backward_params(a);
+  const int batch = static_cast<int>(a.q.size(0));
+  cudaStream_t stream = stream_of(a.q.stream);
+
+  launch_delta<T, D>(a, p, stream);
+  {
+    using C = sm90::DkvConfig<D, BLK>;
+    const size_t smem = C::template smem_bytes<T>(p.n_q);
+    auto kernel = sm90::dkv_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "attention dK/dV (wgmma) shared memory");
+    const int blocks = p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
+    kernel<<<dim3(blocks, p.heads, batch), C::kThreads, smem, stream>>>(p);
+    check_cuda(cudaGetLastError(), "attention dK/dV (wgmma) kernel launch");
+  }
+  {
+    using C = sm90::DqConfig<D, BLK>;
+    const size_t smem = C::template smem_bytes<T>(p.n_q);
+    auto kernel = sm90::dq_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "attention dQ (wgmma) shared memory");
+    kernel<<<dim3(p.n_q, p.heads, batch), C::kThreads, smem, stream>>>(p);
+    check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
+  }
+}
+
+}  // namespace attention_cuda
+}  // namespace long_exposure
