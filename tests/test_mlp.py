@@ -148,6 +148,25 @@ def test_opcheck(lora):
     torch.library.opcheck(ops.mlp_backward, back)
 
 
+def test_a_traced_call_runs_the_op_and_matches_the_eager_path():
+    """Eager calls skip torch.library's dispatch (ops/mlp.py); a traced one goes through the op, its
+    fake implementation and its registered autograd, and must give the same values and gradients."""
+    inputs, mask = make_inputs((20, 8, 48, 8, 16), torch.float32, 0.5, seed=7, lora=False)
+    x = inputs["x"].detach()
+
+    def run(fn):
+        xg = x.clone().requires_grad_()
+        b1 = inputs["b1"].detach().clone().requires_grad_()
+        y, _ = fn(xg, inputs["w1"].detach(), b1, inputs["w2"].detach(), inputs["b2"].detach(), mask)
+        y.square().sum().backward()
+        return y.detach(), xg.grad, b1.grad
+
+    eager = run(neuron_block_mlp)
+    traced = run(torch.compile(neuron_block_mlp, backend="aot_eager", fullgraph=True))
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b)
+
+
 def test_inactive_neurons_get_no_bias_gradient():
     inputs, _ = make_inputs((32, 8, 64, 16, 32), torch.float32, 1.0, seed=8, lora=False)
     active = torch.tensor([[True, False], [True, False]])  # block 1 never active

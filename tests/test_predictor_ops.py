@@ -230,7 +230,7 @@ def test_attention_no_tokens_gives_empty_maps():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_opcheck(dtype):
     hidden, wq, wk = attention_inputs((2, 45, 16, 3, 4, 8), dtype)
-    torch.library.opcheck(ops.attention_block_scores, (hidden, wq, wk, 8))
+    torch.library.opcheck(ops.attention_block_scores_op, (hidden, wq, wk, 8))
 
 
 # ---- bad input ----------------------------------------------------------------------------------

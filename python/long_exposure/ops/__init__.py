@@ -3,11 +3,12 @@ training-step ops (the predictor ops only run inference)."""
 
 from .attention import attention_backward, attention_forward, block_sparse_attention
 from .mlp import mlp_backward, mlp_forward, neuron_block_mlp
-from .predictors import attention_block_scores, mlp_predictor_mask, mlp_predictor_mask_op
+from .predictors import attention_block_scores, attention_block_scores_op, mlp_predictor_mask, mlp_predictor_mask_op
 
 __all__ = [
     "attention_backward",
     "attention_block_scores",
+    "attention_block_scores_op",
     "attention_forward",
     "block_sparse_attention",
     "mlp_backward",

@@ -10,6 +10,7 @@ from .. import _C
 from .._views import _DTYPE_CODES, check_float, check_index, check_shape, viewer
 from ..formats import BlockLayout
 from .. import reference
+from ._eager import eager_autograd, eager_or_op
 from .mlp import _uses_reference
 
 
@@ -65,8 +66,7 @@ def _aligned(t):
     return t.clone(memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("long_exposure::attention_forward", mutates_args=())
-def attention_forward(
+def _forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
     counts: torch.Tensor, indices: torch.Tensor, block: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,14 +89,16 @@ def attention_forward(
     return out, lse
 
 
+attention_forward = torch.library.custom_op("long_exposure::attention_forward", mutates_args=())(_forward_impl)
+
+
 @attention_forward.register_fake
 def _(q, k, v, prefix_k, prefix_v, counts, indices, block, scale):
     B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
     return torch.empty_like(q), q.new_empty(B, H, S, dtype=torch.float32)
 
 
-@torch.library.custom_op("long_exposure::attention_backward", mutates_args=())
-def attention_backward(
+def _backward_impl(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
     prefix_v: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
     block: int, scale: float, need_dprefix: bool,
@@ -136,6 +138,9 @@ def attention_backward(
     return dq, dk, dv, dpk, dpv
 
 
+attention_backward = torch.library.custom_op("long_exposure::attention_backward", mutates_args=())(_backward_impl)
+
+
 @attention_backward.register_fake
 def _(dout, q, k, v, prefix_k, prefix_v, out, lse, counts, indices, block, scale, need_dprefix):
     B, H, S, D = _check(q, k, v, prefix_k, prefix_v, counts, indices, block, scale)
@@ -155,10 +160,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward_with(backward, ctx, dout):
+    """The gradients of attention_forward's inputs, with `backward` the op (traced) or its implementation (eager)."""
     q, k, v, prefix_k, prefix_v, out, lse, counts, indices = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dq, dk, dv, dpk, dpv = attention_backward(
+    dq, dk, dv, dpk, dpv = backward(
         dout, q, k, v, prefix_k, prefix_v, out, lse, counts, indices, ctx.block, ctx.scale, bool(needs[3] or needs[4])
     )
     return (
@@ -167,7 +173,16 @@ def _backward(ctx, dout, _dlse):
     )
 
 
+def _backward(ctx, dout, _dlse):
+    return _backward_with(attention_backward, ctx, dout)
+
+
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Eager calls skip torch.library's dispatch (ops/_eager.py).
+_EagerAttention = eager_autograd("_EagerAttention", _forward_impl, _setup_context,
+                                 lambda ctx, dout, _dlse: _backward_with(_backward_impl, ctx, dout))
 
 
 def block_sparse_attention(
@@ -180,5 +195,6 @@ def block_sparse_attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = attention_forward(q, k, v, prefix_k, prefix_v, layout.counts, layout.indices, layout.block, float(scale))
+    forward = eager_or_op(_EagerAttention.apply, attention_forward)
+    out, _ = forward(q, k, v, prefix_k, prefix_v, layout.counts, layout.indices, layout.block, float(scale))
     return out

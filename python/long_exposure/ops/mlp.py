@@ -8,6 +8,7 @@ import torch
 
 from .. import _C, reference
 from .._views import check_float, check_index, check_shape, viewer
+from ._eager import eager_autograd, eager_or_op
 from ..formats import MlpMask
 
 
@@ -94,8 +95,7 @@ def _pad_rank(t: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     return torch.nn.functional.pad(t, pad)
 
 
-@torch.library.custom_op("long_exposure::mlp_forward", mutates_args=())
-def mlp_forward(
+def _forward_impl(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
     counts: torch.Tensor, indices: torch.Tensor, tile_m: int, block_n: int,
     lora1_u: torch.Tensor | None, lora1_b: torch.Tensor | None, lora2_a: torch.Tensor | None,
@@ -124,6 +124,9 @@ def mlp_forward(
     return y, h, (lora2_v if lora2_v.shape[1] == r2 else lora2_v[:, :r2].contiguous())
 
 
+mlp_forward = torch.library.custom_op("long_exposure::mlp_forward", mutates_args=())(_forward_impl)
+
+
 @mlp_forward.register_fake
 def _(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a):
     tokens, d_model, d_ffn = _check(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a)
@@ -131,8 +134,7 @@ def _(x, w1, b1, w2, b2, counts, indices, tile_m, block_n, lora1_u, lora1_b, lor
     return x.new_empty(tokens, d_model), x.new_empty(tokens, d_ffn), x.new_empty(tokens, r2)
 
 
-@torch.library.custom_op("long_exposure::mlp_backward", mutates_args=())
-def mlp_backward(
+def _backward_impl(
     dy: torch.Tensor, dlora2_v: torch.Tensor | None, w1: torch.Tensor, w2: torch.Tensor,
     h: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, tile_m: int, block_n: int,
     lora1_u: torch.Tensor | None, lora1_b: torch.Tensor | None, lora2_a: torch.Tensor | None,
@@ -195,6 +197,9 @@ def mlp_backward(
     return dx, db1, db2, dlora1_u, dlora1_b, dlora2_a
 
 
+mlp_backward = torch.library.custom_op("long_exposure::mlp_backward", mutates_args=())(_backward_impl)
+
+
 @mlp_backward.register_fake
 def _(dy, dlora2_v, w1, w2, h, counts, indices, tile_m, block_n, lora1_u, lora1_b, lora2_a,
       need_db1, need_db2, need_dlora1, need_dlora2_a):
@@ -221,12 +226,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(h)
 
 
-def _backward(ctx, dy, _dh, dlora2_v):
+def _backward_with(backward, ctx, dy, dlora2_v):
+    """The gradients of mlp_forward's inputs, with `backward` the op (traced) or its implementation (eager)."""
     w1, w2, h, counts, indices, lora1_u, lora1_b, lora2_a = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if needs[1] or needs[3]:
         raise RuntimeError("fc1/fc2 weights are frozen under Long Exposure: set requires_grad=False on w1 and w2")
-    dx, db1, db2, dlora1_u, dlora1_b, dlora2_a = mlp_backward(
+    dx, db1, db2, dlora1_u, dlora1_b, dlora2_a = backward(
         dy, dlora2_v if lora2_a is not None else None, w1, w2, h, counts, indices, ctx.tile_m, ctx.block_n,
         lora1_u, lora1_b, lora2_a, bool(needs[2]), bool(needs[4]), bool(needs[9] or needs[10]), bool(needs[11]),
     )
@@ -237,7 +243,16 @@ def _backward(ctx, dy, _dh, dlora2_v):
     )
 
 
+def _backward(ctx, dy, _dh, dlora2_v):
+    return _backward_with(mlp_backward, ctx, dy, dlora2_v)
+
+
 mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Eager calls skip torch.library's dispatch (ops/_eager.py).
+_EagerMlp = eager_autograd("_EagerMlp", _forward_impl, _setup_context,
+                           lambda ctx, dy, _dh, dlora2_v: _backward_with(_backward_impl, ctx, dy, dlora2_v))
 
 
 def neuron_block_mlp(
@@ -255,7 +270,8 @@ def neuron_block_mlp(
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     u1 = lora1_u.reshape(flat.shape[0], -1) if lora1_u is not None else None
-    y, _, lora2_v = mlp_forward(
+    forward = eager_or_op(_EagerMlp.apply, mlp_forward)
+    y, _, lora2_v = forward(
         flat, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mask.counts, mask.indices, mask.tile_m, mask.block_n,
         u1, lora1_b, lora2_a,
     )

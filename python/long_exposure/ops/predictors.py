@@ -11,6 +11,7 @@ import torch
 from .. import _C
 from .._views import check_float, check_shape, current_stream, view
 from ..formats import MlpMask
+from ._eager import eager_or_op
 
 
 def _check_predictor_input(tensor, name: str, ndim: int, layout: str) -> None:
@@ -48,8 +49,7 @@ def _mlp_outputs(x, n_tiles, n_blocks):
     )
 
 
-@torch.library.custom_op("long_exposure::mlp_predictor_mask", mutates_args=())
-def mlp_predictor_mask_op(
+def _mlp_mask_impl(
     x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor, threshold: float, tile_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(counts [n_tiles] int32, indices [n_tiles, n_blocks] int32, tile_max [n_tiles, n_blocks] fp32).
@@ -69,6 +69,9 @@ def mlp_predictor_mask_op(
     return counts, indices, tile_max
 
 
+mlp_predictor_mask_op = torch.library.custom_op("long_exposure::mlp_predictor_mask", mutates_args=())(_mlp_mask_impl)
+
+
 @mlp_predictor_mask_op.register_fake
 def _(x, down, up, bias, threshold, tile_m):
     return _mlp_outputs(x, *_check_mlp(x, down, up, bias, threshold, tile_m))
@@ -82,7 +85,8 @@ def mlp_predictor_mask(
     into the token axis the mask tiles); up has one row per block of `block_n` neurons."""
     if block_n <= 0:
         raise ValueError(f"block_n must be positive, got {block_n}")
-    counts, indices, _ = mlp_predictor_mask_op(x.reshape(-1, x.shape[-1]), down, up, bias, float(threshold), int(tile_m))
+    counts, indices, _ = eager_or_op(_mlp_mask_impl, mlp_predictor_mask_op)(
+        x.reshape(-1, x.shape[-1]), down, up, bias, float(threshold), int(tile_m))
     return MlpMask(counts, indices, int(tile_m), int(block_n))
 
 
@@ -103,8 +107,7 @@ def _check_attention(hidden, wq, wk, block):
     return batch, heads, -(-seq // block), d_model
 
 
-@torch.library.custom_op("long_exposure::attention_block_scores", mutates_args=())
-def attention_block_scores(hidden: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block: int) -> torch.Tensor:
+def _block_scores_impl(hidden: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block: int) -> torch.Tensor:
     """Causal block score maps [batch, heads, n, n] fp32 (n = ceil(seq / block)): row i is the
     softmax over key blocks j <= i of the heads' low-rank Q/K sketches of the block-mean hidden states."""
     batch, heads, n, d_model = _check_attention(hidden, wq, wk, block)
@@ -124,7 +127,16 @@ def attention_block_scores(hidden: torch.Tensor, wq: torch.Tensor, wk: torch.Ten
     return scores
 
 
-@attention_block_scores.register_fake
+attention_block_scores_op = torch.library.custom_op(
+    "long_exposure::attention_block_scores", mutates_args=())(_block_scores_impl)
+
+
+def attention_block_scores(hidden: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block: int) -> torch.Tensor:
+    """Causal block score maps [batch, heads, n, n] fp32 (the op attention_block_scores_op)."""
+    return eager_or_op(_block_scores_impl, attention_block_scores_op)(hidden, wq, wk, block)
+
+
+@attention_block_scores_op.register_fake
 def _(hidden, wq, wk, block):
     batch, heads, n, _ = _check_attention(hidden, wq, wk, block)
     return hidden.new_empty(batch, heads, n, n, dtype=torch.float32)
