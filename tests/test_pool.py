@@ -125,6 +125,23 @@ def test_projection_of_an_empty_map_keeps_the_diagonal_only():
     assert covered.item() == 1.0 and density.item() == pytest.approx(8 / 36)
 
 
+def test_projection_sums_mass_exactly_in_fixed_point():
+    """Masses are summed as integers scaled to the map's largest score (cpp/src/fixed_mass.h): sums
+    do not depend on order, and scores below 2^-52 of the largest count as nothing."""
+    n = 8
+    pool = PatternPool(n)
+    scores = torch.zeros(n, n)
+    scores.fill_diagonal_(1.0)
+    scores[n - 1, 0] = 2.0**-60  # far below the scale of 1.0: the greedy has nothing left to cover
+    _, density, covered = pool.project(scores, 1.0)
+    assert covered.item() == 1.0 and density.item() == pytest.approx(n / (n * (n + 1) / 2))
+    scores[n - 1, 0] = 2.0**-40  # within it: recall 1.0 now takes that block too
+    selection, density, covered = pool.project(scores, 1.0)
+    assert covered.item() == 1.0 and density.item() > n / (n * (n + 1) / 2)
+    layout, _ = pool.combine(selection.reshape(1, 1, -1), 16)
+    assert layout.to_dense()[0, 0, n - 1, 0]
+
+
 def test_layout_agrees_with_flex_attention():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     g = torch.Generator().manual_seed(0)
