@@ -58,6 +58,41 @@ void dispatch(DType dtype, int64_t head_dim, int64_t block, Fn&& fn) {
 
 using Named = std::initializer_list<std::pair<const TensorView*, const char*>>;
 
+// Runs Launch::wgmma<T, D, BLK>(a) where the wgmma kernels (cuda/sm90a/) take the call (head dims
+// 64 and 128 on a Hopper, unless LONG_EXPOSURE_ATTENTION_KERNEL=mma), Launch::portable otherwise.
+template <typename Launch, typename Args>
+void launch_kernels(const Args& a) {
+  const int64_t D = a.q.size(3);
+  const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
+  dispatch(a.q.dtype, D, a.layout.block, [&](auto tag, auto dim, auto blk) {
+    using T = decltype(tag);
+    constexpr int kDim = decltype(dim)::value, kBlock = decltype(blk)::value;
+#ifdef LONG_EXPOSURE_WITH_SM90A
+    if constexpr (kDim == 64 || kDim == 128) {
+      if (hopper) {
+        Launch::template wgmma<T, kDim, kBlock>(a);
+        return;
+      }
+    }
+#endif
+    Launch::template portable<T, kDim, kBlock>(a);
+  });
+}
+
+struct ForwardLaunch {
+  template <typename T, int D, int BLK>
+  static void wgmma(const AttentionForwardArgs& a) { attention_cuda::launch_forward_sm90<T, D, BLK>(a); }
+  template <typename T, int D, int BLK>
+  static void portable(const AttentionForwardArgs& a) { attention_cuda::launch_forward<T, D, BLK>(a); }
+};
+
+struct BackwardLaunch {
+  template <typename T, int D, int BLK>
+  static void wgmma(const AttentionBackwardArgs& a) { attention_cuda::launch_backward_sm90<T, D, BLK>(a); }
+  template <typename T, int D, int BLK>
+  static void portable(const AttentionBackwardArgs& a) { attention_cuda::launch_backward<T, D, BLK>(a); }
+};
+
 }  // namespace
 
 bool attention_cuda_supports(DType dtype, int64_t head_dim, int64_t block) {
@@ -73,21 +108,7 @@ void attention_forward_cuda(const AttentionForwardArgs& a) {
     require_aligned(*view, name);
   if (a.q.numel() == 0) return;
   DeviceGuard guard(a.q.device_index);
-  // The wgmma kernels (cuda/sm90a/) take head dims 64 and 128, forward and backward alike.
-  const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
-  dispatch(a.q.dtype, D, block, [&](auto tag, auto dim, auto blk) {
-    using T = decltype(tag);
-    constexpr int kDim = decltype(dim)::value, kBlock = decltype(blk)::value;
-#ifdef LONG_EXPOSURE_WITH_SM90A
-    if constexpr (kDim == 64 || kDim == 128) {
-      if (hopper) {
-        attention_cuda::launch_forward_sm90<T, kDim, kBlock>(a);
-        return;
-      }
-    }
-#endif
-    attention_cuda::launch_forward<T, kDim, kBlock>(a);
-  });
+  launch_kernels<ForwardLaunch>(a);
 }
 
 void attention_backward_cuda(const AttentionBackwardArgs& a) {
@@ -118,20 +139,7 @@ void attention_backward_cuda(const AttentionBackwardArgs& a) {
   TensorView counts = a.layout.counts;
   t_counts.stream = t_indices.stream = counts.stream = a.q.stream;
   transpose_block_lists_cuda(counts, a.layout.indices, t_counts, t_indices);
-  const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
-  dispatch(a.q.dtype, D, block, [&](auto tag, auto dim, auto blk) {
-    using T = decltype(tag);
-    constexpr int kDim = decltype(dim)::value, kBlock = decltype(blk)::value;
-#ifdef LONG_EXPOSURE_WITH_SM90A
-    if constexpr (kDim == 64 || kDim == 128) {
-      if (hopper) {
-        attention_cuda::launch_backward_sm90<T, kDim, kBlock>(a);
-        return;
-      }
-    }
-#endif
-    attention_cuda::launch_backward<T, kDim, kBlock>(a);
-  });
+  launch_kernels<BackwardLaunch>(a);
 }
 
 }  // namespace long_exposure
