@@ -20,7 +20,7 @@ _DTYPE_CODES = {
 }
 
 
-# torch.cuda.current_stream builds a Stream object on every call (about 10 us of host time, paid
+# torch.cuda.current_stream builds a Stream object on every call (microseconds of host time, paid
 # by every view of every op call); the raw handle is all the core needs.
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
