@@ -443,6 +443,34 @@ struct BackwardParams {
   float scale, scale_log2;
 };
 
+// The key block a dK/dV thread block takes and its list of query blocks, in shared memory. Prefix
+// blocks come first in the grid: they read every query block, and low key blocks most query
+// blocks, so the heaviest run first. A key block of the sequence reads the layout's transposed
+// list from its own block on. The list's length reaches every thread.
+struct KeyBlockQueries {
+  bool is_prefix;
+  int kb, n_list;
+};
+
+template <int BLK, int THREADS>
+__device__ __forceinline__ KeyBlockQueries key_block_queries(const BackwardParams& p, int b, int h, int* s_list,
+                                                            int* s_count) {
+  const int n_prefix_blocks = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
+  KeyBlockQueries w;
+  w.is_prefix = static_cast<int>(blockIdx.x) < n_prefix_blocks;
+  w.kb = w.is_prefix ? blockIdx.x : blockIdx.x - n_prefix_blocks;
+  if (w.is_prefix) {
+    for (int i = threadIdx.x; i < p.n_q; i += THREADS) s_list[i] = i;
+    w.n_list = p.n_q;
+    __syncthreads();
+  } else {
+    const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + w.kb;
+    w.n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts[row], p.t_capacity, w.kb,
+                            p.n_q - 1);
+  }
+  return w;
+}
+
 // rowsum(dout * out) in fp32, one warp per query row.
 template <typename T, int D>
 __global__ void delta_kernel(Operand dout, Operand out, float* delta, int heads, int seq,
@@ -597,24 +625,11 @@ __global__ void __launch_bounds__(BLK * 2) dkv_kernel(BackwardParams p) {
   int* s_list = reinterpret_cast<int*>(s_delta + 2 * kBq);
   int* s_count = s_list + p.n_q;
 
-  const int n_prefix_tiles = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
-  // Prefix tiles read every query block, and low key blocks most query blocks: heaviest first.
-  const bool is_prefix = static_cast<int>(blockIdx.x) < n_prefix_tiles;
-  const int kb = is_prefix ? blockIdx.x : blockIdx.x - n_prefix_tiles;
   const int h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-
-  int n_list;
-  if (is_prefix) {
-    for (int i = threadIdx.x; i < p.n_q; i += kThreads) s_list[i] = i;
-    n_list = p.n_q;
-    __syncthreads();
-  } else {
-    const int64_t row =
-        ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + kb;
-    n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts[row],
-                          p.t_capacity, kb, p.n_q - 1);
-  }
+  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, b, h, s_list, s_count);
+  const bool is_prefix = work.is_prefix;
+  const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;
 
   const T* q = p.q.plane<T>(b, h);

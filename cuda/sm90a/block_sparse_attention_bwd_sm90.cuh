@@ -97,32 +97,6 @@ struct DqConfig {
   }
 };
 
-// Writes this warp's 16 rows of a warpgroup's 64 x D accumulator, times factor, to rows
-// [row0, row0 + 16) of a plane, rows at or past `limit` left alone. They pass through the warp's
-// own rows (from warp_row) of a panelled shared tile, which only its warpgroup's finished products
-// read, so that global stores are 16 bytes wide and coalesced.
-template <typename T, int D, int TILE_ROWS>
-__device__ __forceinline__ void store_warp_rows(const float (&acc)[D / 2], float factor, T* tile, int warp_row,
-                                                T* plane, int64_t stride, int row0, int limit) {
-  const int lane = threadIdx.x % 32, c = (lane % 4) * 2, r_lo = warp_row + lane / 4;
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo, 8 * i + c)) =
-        ptx::Mma<T>::pack(acc[4 * i] * factor, acc[4 * i + 1] * factor);
-    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo + 8, 8 * i + c)) =
-        ptx::Mma<T>::pack(acc[4 * i + 2] * factor, acc[4 * i + 3] * factor);
-  }
-  __syncwarp();
-  constexpr int kPieces = D / 8;
-#pragma unroll
-  for (int i = lane; i < 16 * kPieces; i += 32) {
-    const int r = i / kPieces, col = (i % kPieces) * 8;
-    if (row0 + r < limit)
-      *reinterpret_cast<uint4*>(plane + static_cast<int64_t>(row0 + r) * stride + col) =
-          *reinterpret_cast<const uint4*>(tile + wgmma::Panels<TILE_ROWS>::offset(warp_row + r, col));
-  }
-}
-
 template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
     dkv_kernel(BackwardParams p) {
@@ -138,23 +112,11 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   int* s_list = reinterpret_cast<int*>(s_delta + kStages * kBq);
   int* s_count = s_list + p.n_q;
 
-  const int n_prefix_blocks = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
-  // Prefix blocks read every query block, and low key blocks most query blocks: heaviest first.
-  const bool is_prefix = static_cast<int>(blockIdx.x) < n_prefix_blocks;
-  const int kb = is_prefix ? blockIdx.x : blockIdx.x - n_prefix_blocks;
   const int h = blockIdx.y, b = blockIdx.z;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-
-  int n_list;
-  if (is_prefix) {
-    for (int i = threadIdx.x; i < p.n_q; i += kThreads) s_list[i] = i;
-    n_list = p.n_q;
-    __syncthreads();
-  } else {
-    const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + kb;
-    n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts[row], p.t_capacity, kb,
-                          p.n_q - 1);
-  }
+  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, b, h, s_list, s_count);
+  const bool is_prefix = work.is_prefix;
+  const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;
 
   const T* q = p.q.plane<T>(b, h);
@@ -320,9 +282,9 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   const Output out_k = is_prefix ? p.dpk : p.dk;
   const Output out_v = is_prefix ? p.dpv : p.dv;
   const int warp_row = group * 64 + warp * 16;
-  store_warp_rows<T, D, BLK>(dk, p.scale, s_k, warp_row, out_k.plane<T>(b, h), out_k.ss, kb * BLK + warp_row,
+  store_warp_rows<T, D, BLK>(dk, p.scale, p.scale, s_k, warp_row, out_k.plane<T>(b, h), out_k.ss, kb * BLK + warp_row,
                              key_limit);
-  store_warp_rows<T, D, BLK>(dv, 1.f, s_v, warp_row, out_v.plane<T>(b, h), out_v.ss, kb * BLK + warp_row,
+  store_warp_rows<T, D, BLK>(dv, 1.f, 1.f, s_v, warp_row, out_v.plane<T>(b, h), out_v.ss, kb * BLK + warp_row,
                              key_limit);
 }
 
@@ -477,7 +439,7 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   ptx::cp_async_wait<0>();
 
   const int warp_row = group * 64 + warp * 16;
-  store_warp_rows<T, D, BLK>(dq, p.scale, s_q, warp_row, p.dq.plane<T>(b, h), p.dq.ss, qb * BLK + warp_row, p.seq);
+  store_warp_rows<T, D, BLK>(dq, p.scale, p.scale, s_q, warp_row, p.dq.plane<T>(b, h), p.dq.ss, qb * BLK + warp_row, p.seq);
 }
 
 }  // namespace sm90

@@ -86,6 +86,34 @@ __device__ __forceinline__ void load_panel_rows(T* tile, int dst_row, const T* p
 
 // The keys a query block visits, as 64-key segments: the prefix's, then BLK / 64 segments of each
 // listed key block in list order; segment numbers at or past n are empty.
+// Writes this warp's 16 rows of a warpgroup's 64 x D accumulator to rows [row0, row0 + 16) of a
+// plane, rows lane / 4 times factor_lo and rows lane / 4 + 8 times factor_hi, rows at or past
+// `limit` left alone. They pass through the warp's own rows (from warp_row) of a panelled shared
+// tile, which only its warpgroup's finished products read, so that global stores are 16 bytes wide
+// and coalesced; the swizzle keeps both the fragment writes and the row reads free of bank
+// conflicts. The forward's output and the backward's dQ, dK and dV leave this way.
+template <typename T, int D, int TILE_ROWS>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[D / 2], float factor_lo, float factor_hi, T* tile,
+                                                int warp_row, T* plane, int64_t stride, int row0, int limit) {
+  const int lane = threadIdx.x % 32, c = (lane % 4) * 2, r_lo = warp_row + lane / 4;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo, 8 * i + c)) =
+        ptx::Mma<T>::pack(acc[4 * i] * factor_lo, acc[4 * i + 1] * factor_lo);
+    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo + 8, 8 * i + c)) =
+        ptx::Mma<T>::pack(acc[4 * i + 2] * factor_hi, acc[4 * i + 3] * factor_hi);
+  }
+  __syncwarp();
+  constexpr int kPieces = D / 8;
+#pragma unroll
+  for (int i = lane; i < 16 * kPieces; i += 32) {
+    const int r = i / kPieces, col = (i % kPieces) * 8;
+    if (row0 + r < limit)
+      *reinterpret_cast<uint4*>(plane + static_cast<int64_t>(row0 + r) * stride + col) =
+          *reinterpret_cast<const uint4*>(tile + wgmma::Panels<TILE_ROWS>::offset(warp_row + r, col));
+  }
+}
+
 template <typename T, int BLK>
 struct Segments {
   static constexpr int kPerBlock = BLK / 64;
@@ -346,29 +374,11 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
     if (i_hi < p.seq) lse[i_hi] = l_hi > 0.f ? (m_hi + log2f(l_hi)) * kLn2 : -INFINITY;
   }
 
-  // The output passes through this warp's own 16 rows of the Q tile (which only this warpgroup's
-  // finished products read) so that global stores are 16 bytes wide and coalesced; the swizzle
-  // keeps both the fragment writes and the row reads free of bank conflicts.
   const float f_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, f_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
-  const int warp_row = group * 64 + warp * 16, r_lo = warp_row + lane / 4;
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    *reinterpret_cast<uint32_t*>(s_q + wgmma::Panels<BLK>::offset(r_lo, 8 * i + c)) =
-        ptx::Mma<T>::pack(o[4 * i] * f_lo, o[4 * i + 1] * f_lo);
-    *reinterpret_cast<uint32_t*>(s_q + wgmma::Panels<BLK>::offset(r_lo + 8, 8 * i + c)) =
-        ptx::Mma<T>::pack(o[4 * i + 2] * f_hi, o[4 * i + 3] * f_hi);
-  }
-  __syncwarp();
-  T* out = p.out.plane<T>(b, h);
-  constexpr int kPieces = D / 8;
-#pragma unroll
-  for (int i = lane; i < 16 * kPieces; i += 32) {
-    const int r = i / kPieces, col = (i % kPieces) * 8;
-    const int query = qb * BLK + warp_row + r;
-    if (query < p.seq)
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(query) * p.out.ss + col) =
-          *reinterpret_cast<const uint4*>(s_q + wgmma::Panels<BLK>::offset(warp_row + r, col));
-  }
+  // The output leaves through this warp's own rows of the Q tile, which only this warpgroup's
+  // finished products read.
+  const int warp_row = group * 64 + warp * 16;
+  store_warp_rows<T, D, BLK>(o, f_lo, f_hi, s_q, warp_row, p.out.plane<T>(b, h), p.out.ss, qb * BLK + warp_row, p.seq);
 }
 
 }  // namespace sm90
