@@ -2,12 +2,18 @@
 SDPA under torch.compile) against Long Exposure, in one process, at real OPT shapes with random
 weights (or a checkpoint directory), bf16.
 
-Long Exposure runs its predictors every step (their cost is part of the step) and then uses masks
-at a stated density profile: per-layer MLP block densities (the paper's OPT-1.3B profile by
-default, resampled to the model's depth; a sparsity of 1.0 still keeps one block per tile) and one
-attention block density, since random weights give predictors nothing real to find.
+Long Exposure runs its predictors every step (their cost is part of the step). With random
+weights it then uses masks at a stated density profile: per-layer MLP block densities (the paper's
+OPT-1.3B profile by default, resampled to the model's depth; a sparsity of 1.0 still keeps one
+block per tile) and one attention block density, since random weights give predictors nothing
+real to find. With a model pretrained here and its trained predictors (bench/pretrain_opt.py), it
+uses the masks those predictors choose on real text.
 
-    python bench/e2e.py --model 1.3b --seq 512 1024 2048 --method lora_qv
+    python bench/e2e.py --model 1.3b --seq 512 1024 2048 --method lora_qv --graph
+    python bench/e2e.py --model 350m --checkpoint OUT/model --predictors OUT/predictors --graph
+
+`--graph` adds SDPA and Long Exposure with each step run through long_exposure.CapturedStep (the
+whole step replayed from a CUDA graph), which finetune() uses by default on a GPU.
 
 Under torchrun each rank trains on its own batch through DistributedDataParallel, and the table
 gives the throughput of all ranks together (the slowest rank's step), for scaling measurements:
@@ -18,6 +24,7 @@ gives the throughput of all ranks together (the slowest rank's step), for scalin
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -27,17 +34,19 @@ from pathlib import Path
 
 import torch
 
+from long_exposure.captured_step import CapturedStep
 from long_exposure.config import LongExposureConfig
 from long_exposure.exposer import decoder_layers
 from long_exposure.formats import MlpMask
 from long_exposure.models.opt import Controller, convert, restore
+from long_exposure.permutation import permute_model
 from long_exposure.pipeline import apply_method
 from long_exposure.predictors import PredictorSet, model_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from masks import random_layout  # noqa: E402  (the tests' layouts, so both exercise the same thing)
 from step_profile import write_profile  # noqa: E402
-from timing import capture, cuda_times_ms  # noqa: E402
+from timing import cuda_times_ms  # noqa: E402
 
 OPT_SHAPES = {  # hidden, layers, heads, ffn
     "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096, word_embed_proj_dim=512,
@@ -56,24 +65,37 @@ def resampled(profile: list[float], layers: int) -> list[float]:
 
 
 @dataclass
-class ProfileController(Controller):
-    """Runs the predictors (their cost stays in the step), then hands out the profile's masks."""
+class TimedController(Controller):
+    """The predictors' own masks, with each predictor call bracketed by CUDA events (the step's
+    "predictor" column)."""
 
-    mlp_density: list[float] = field(default_factory=list)
-    attn_density: float = 0.25
-    _profile: dict = field(default_factory=dict)
     predictor_events: list = field(default_factory=list)
     time_predictors: bool = True
 
     def _timed(self, fn):
         if not self.time_predictors:  # inside a CUDA graph capture: no timing events
-            fn()
-            return
+            return fn()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        out = fn()
         stop.record()
         self.predictor_events.append((start, stop))
+        return out
+
+    def mlp_mask(self, index, x, n_neurons):
+        return self._timed(lambda: Controller.mlp_mask(self, index, x, n_neurons))
+
+    def attention_layout(self, index, hidden, heads):
+        return self._timed(lambda: Controller.attention_layout(self, index, hidden, heads))
+
+
+@dataclass
+class ProfileController(TimedController):
+    """Runs the predictors (their cost stays in the step), then hands out the profile's masks."""
+
+    mlp_density: list[float] = field(default_factory=list)
+    attn_density: float = 0.25
+    _profile: dict = field(default_factory=dict)
 
     def mlp_mask(self, index, x, n_neurons):
         cfg = self.config
@@ -179,24 +201,17 @@ def densities_used(controller) -> str:
 
 
 def time_graphed_steps(model, ids, steps: int, controller=None) -> dict:
-    """The same step captured once in a CUDA graph and replayed: no host work between kernels
-    (a capturable AdamW; the batch would be copied into `ids` before each replay)."""
+    """The same step through long_exposure.CapturedStep: captured once in a CUDA graph and replayed,
+    so no host work runs between kernels (a capturable AdamW; each call copies the batch in)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=True)
     if controller is not None:
         controller.time_predictors = False
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
-        return loss
-
     torch.cuda.reset_peak_memory_stats()
-    graph, loss = capture(step)
-    return {"step": statistics.median(cuda_times_ms(graph.replay, steps, warmup=2)), "forward": float("nan"), "backward": float("nan"),
-            "optimizer": float("nan"), "predictor": float("nan"),
+    step = CapturedStep(model, optimizer)
+    loss = step(ids)
+    return {"step": statistics.median(cuda_times_ms(lambda: step(ids), steps, warmup=2)), "forward": float("nan"),
+            "backward": float("nan"), "optimizer": float("nan"), "predictor": float("nan"),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item(),
             "density": densities_used(controller)}
 
@@ -205,6 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(OPT_SHAPES), default="1.3b")
     parser.add_argument("--checkpoint", help="a local OPT checkpoint directory instead of random weights")
+    parser.add_argument("--predictors", help="trained predictors for --checkpoint (bench/pretrain_opt.py writes both): "
+                        "Long Exposure then uses the masks they predict on 1950-1999 addresses, not a density profile")
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--method", default="lora_qv",
@@ -222,6 +239,13 @@ def main() -> None:
     parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
                         "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
     args = parser.parse_args()
+    if args.predictors and not args.checkpoint:
+        parser.error("--predictors needs the --checkpoint it was trained for")
+    trained = None
+    if args.predictors:
+        import transformers
+
+        trained = PredictorSet.load(args.predictors, model=transformers.OPTForCausalLM.from_pretrained(args.checkpoint))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
@@ -237,24 +261,41 @@ def main() -> None:
     layers = OPT_SHAPES[args.model]["num_hidden_layers"]
     mlp_density = ([args.mlp_density] * layers if args.mlp_density is not None
                    else [1.0 - s for s in resampled(PAPER_PROFILE, layers)])
+    masks = (f"masks from the trained predictors in {args.predictors} on 1950-1999 addresses" if trained else
+             f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
     show(f"GPU {torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, OPT-{args.model} "
-         f"({'checkpoint' if args.checkpoint else 'random weights'}), {args.method}, batch {args.batch} per rank, bf16; "
-         f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
+         f"({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}), {args.method}, "
+         f"batch {args.batch} per rank, bf16; {masks}")
     show("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | tokens/s (all ranks) "
          "| density MLP / attn | speedup vs eager | vs SDPA | vs compile |")
     show("|---|---|---|---|---|---|---|---|---|---|---|")
     speedups: dict[str, list[tuple[int, float]]] = {}
     vocab = 50000
     for seq in args.seq:
-        ids = torch.randint(0, vocab, (args.batch, seq), device=DEVICE,
-                            generator=torch.Generator(DEVICE).manual_seed(seq + 1000 * rank))
+        if trained:  # real text, so that the predictors see what they were trained on
+            from long_exposure.data import load_addresses, split_by_year, token_blocks
+
+            blocks = token_blocks(split_by_year(load_addresses())["finetune"], seq, max_blocks=args.batch * world)
+            ids = blocks[rank * args.batch:(rank + 1) * args.batch].to(DEVICE)
+        else:
+            ids = torch.randint(0, vocab, (args.batch, seq), device=DEVICE,
+                                generator=torch.Generator(DEVICE).manual_seed(seq + 1000 * rank))
         results = {}
         systems = args.baselines + ["long_exposure"] + (["sdpa+graph", "long_exposure+graph"] if args.graph else [])
         for system in systems:
             attn = "eager" if system == "eager" else "sdpa"
-            model = apply_method(build_model(args.model, args.checkpoint, attn), args.method)
+            model = build_model(args.model, args.checkpoint, attn)
+            if trained is not None:
+                permute_model(model, trained.neuron_orders)  # the neuron order the predictors were made in
+            model = apply_method(model, args.method)
             controller = None
-            if system.startswith("long_exposure"):
+            if system.startswith("long_exposure") and trained is not None:
+                predictors = copy.deepcopy(trained).to(DEVICE, torch.bfloat16)
+                controller = TimedController(predictors.config, predictors, "sparse")
+                convert(model, predictors.config, predictors=predictors, mode="sparse")
+                for layer in decoder_layers(model):
+                    layer._long_exposure.controller = controller
+            elif system.startswith("long_exposure"):
                 config = LongExposureConfig(tile_m=args.tile_m, block_n=128, attn_block=64)
                 predictors = PredictorSet(config, model_fingerprint(model)).to(DEVICE, torch.bfloat16)
                 controller = ProfileController(config, predictors, "sparse", mlp_density=mlp_density,

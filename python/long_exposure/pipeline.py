@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -52,33 +53,54 @@ class FinetuneResult:
 
 def finetune(model, blocks: torch.Tensor, steps: int, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
              monitor: DriftMonitor | None = None, controller: Controller | None = None,
-             progress: bool = True, desc: str = "fine-tuning") -> FinetuneResult:
-    """Train the model's trainable parameters on [n, seq] token blocks with AdamW."""
+             progress: bool = True, desc: str = "fine-tuning", capture: bool | None = None) -> FinetuneResult:
+    """Train the model's trainable parameters on [n, seq] token blocks with AdamW.
+
+    With `capture` (the default for a model on a GPU), each step is one replay of a CUDA graph
+    (CapturedStep); a step that cannot be captured runs eagerly, with a warning."""
     from tqdm.auto import tqdm
+
+    from .captured_step import CapturedStep, causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: attach a PEFT method first")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    on_gpu = params[0].is_cuda
+    if capture and not on_gpu:
+        raise ValueError("capture=True needs the model on a CUDA device")
+    capture = on_gpu if capture is None else capture
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, capturable=capture)
+    captured = CapturedStep(model, optimizer) if capture else None
+    device = params[0].device
     generator = torch.Generator().manual_seed(seed)
     result = FinetuneResult()
     sums: dict = {}
     model.train()
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)
         started = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        result.step_seconds.append(time.perf_counter() - started)
+        if captured is not None:
+            try:
+                loss = captured(batch)
+            except RuntimeError as error:  # CapturedStep has put the model and optimizer back
+                warnings.warn(f"{error}; fine-tuning continues with eager steps", stacklevel=2)
+                captured = None
+        if captured is None:
+            loss = causal_lm_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         result.losses.append(loss.item())
+        result.step_seconds.append(time.perf_counter() - started)
         if controller is not None:  # summed on the device: no host sync per step
             for key, density in controller.densities.items():
                 sums[key] = sums.get(key, 0.0) + density
         if monitor is not None and monitor.due(step):
-            result.drift_events += monitor.check(step, batch)
+            events = monitor.check(step, batch)
+            result.drift_events += events
+            if events and captured is not None:
+                captured.invalidate()  # the graph holds the predictors' old thresholds and dense marks
         bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
     for (layer, part), total in sums.items():
         (result.mlp_density if part == "mlp" else result.attn_density)[layer] = float(total) / steps
