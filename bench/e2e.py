@@ -29,6 +29,7 @@ import math
 import os
 import statistics
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,7 +246,8 @@ def main() -> None:
     if args.predictors:
         import transformers
 
-        trained = PredictorSet.load(args.predictors, model=transformers.OPTForCausalLM.from_pretrained(args.checkpoint))
+        shape_of = types.SimpleNamespace(config=transformers.AutoConfig.from_pretrained(args.checkpoint))
+        trained = PredictorSet.load(args.predictors, model=shape_of)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
@@ -284,6 +286,7 @@ def main() -> None:
         systems = args.baselines + ["long_exposure"] + (["sdpa+graph", "long_exposure+graph"] if args.graph else [])
         for system in systems:
             attn = "eager" if system == "eager" else "sdpa"
+            resident = torch.cuda.memory_allocated()  # what earlier systems left (compiled code's caches)
             model = build_model(args.model, args.checkpoint, attn)
             if trained is not None:
                 permute_model(model, trained.neuron_orders)  # the neuron order the predictors were made in
@@ -322,8 +325,12 @@ def main() -> None:
                 slowest = torch.tensor([results[system]["step"]], device=DEVICE)
                 torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
                 results[system]["step"] = slowest.item()
+            if results[system] is not None:
+                results[system]["peak_gib"] -= resident / 2**30
             if system.startswith("long_exposure"):
                 restore(model)
+            if system == "compile":
+                torch._dynamo.reset()
             del model, runner
             torch.cuda.empty_cache()
         for system, r in results.items():
