@@ -151,3 +151,23 @@ def test_config_refuses_bad_values():
         LongExposureConfig(target_recall=1.5)
     with pytest.raises(ValueError, match="unknown Long Exposure settings: colour"):
         LongExposureConfig.from_dict({"colour": 1})
+
+
+@pytest.mark.gpu
+def test_predictors_fit_and_drift_checks_run_on_the_gpu(small_opt, corpus):
+    """Calibration, predictor training and drift retraining where the model lies, as on the host."""
+    import copy
+
+    model = copy.deepcopy(small_opt).cuda()
+    batches = [b.cuda() for b in calibration_batches(corpus, 14)]
+    torch.manual_seed(0)
+    predictors = PredictorSet(LongExposureConfig(**CONFIG), model_fingerprint(model)).cuda()
+    reports = predictors.fit(model, batches[:8], batches[8:], steps=150, progress=False)
+    for report in reports:
+        assert report.mlp.mass_recall >= 0.99
+        assert 0 < report.mlp.density <= 1 and report.attn_covered > 0.5
+    predictors.mlp[1].set_threshold(1e9)
+    monitor = DriftMonitor(predictors, model, every=10, action="retrain")
+    events = monitor.check(10, batches[9])
+    assert (1, "mlp", "retrained") in {(e.layer, e.part, e.action) for e in events}
+    assert predictors.mlp[1].threshold.item() < 1e9 and predictors.mlp[1].threshold.is_cuda

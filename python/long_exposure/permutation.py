@@ -98,5 +98,6 @@ def calibrated_orders(model, batches, tile_m: int, block_n: int) -> list[torch.T
 
     exposer = Exposer(model, tile_m, block_n)
     captures = [exposer.capture(batch) for batch in batches]
-    return [balanced_order(activation_profiles([c[i].pre_activation for c in captures], tile_m), block_n)
+    # balanced_order is a host loop over neurons: its inputs come to the host once.
+    return [balanced_order(activation_profiles([c[i].pre_activation.cpu() for c in captures], tile_m), block_n)
             for i in range(len(exposer.layers))]

@@ -142,7 +142,7 @@ def calibrate_and_train_predictors(model, blocks: torch.Tensor, config: LongExpo
     if permute:
         orders = calibrated_orders(model, batches[:-n_holdout], config.tile_m, config.block_n)
         permute_model(model, orders)
-    predictors = PredictorSet(config, model_fingerprint(model))
+    predictors = PredictorSet(config, model_fingerprint(model)).to(next(model.parameters()).device)
     if orders is not None:
         predictors.neuron_orders.copy_(torch.stack(orders))
     reports = predictors.fit(model, batches[:-n_holdout], batches[-n_holdout:], steps=steps, progress=progress)

@@ -146,17 +146,18 @@ def train_mlp_predictor(x: torch.Tensor, labels: torch.Tensor, rank: int, steps:
     """Fit per-token block logits to boolean labels [N, n_blocks]. The positive class weighs
     `pos_weight` times more (recall first) and inputs get Gaussian noise of `noise` times their
     scale, so the predictor tolerates the drift an adapter causes."""
-    generator = torch.Generator().manual_seed(seed)
+    # Samples and noise are drawn where x lies: on the host, drawing them costs more than the step.
+    generator = torch.Generator(x.device).manual_seed(seed)
     if predictor is None:
         torch.manual_seed(seed)
-        predictor = MlpPredictor(x.shape[1], labels.shape[1], rank)
+        predictor = MlpPredictor(x.shape[1], labels.shape[1], rank).to(x.device)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=x.device))
     scale = x.std()
     predictor.train()
     for _ in range(steps):
-        rows = torch.randint(len(x), (min(batch, len(x)),), generator=generator)
-        inputs = x[rows] + noise * scale * torch.randn(len(rows), x.shape[1], generator=generator)
+        rows = torch.randint(len(x), (min(batch, len(x)),), generator=generator, device=x.device)
+        inputs = x[rows] + noise * scale * torch.randn(len(rows), x.shape[1], generator=generator, device=x.device)
         loss = loss_fn(predictor(inputs), labels[rows].float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -211,16 +212,17 @@ def train_attention_predictor(hidden: torch.Tensor, target: torch.Tensor, heads:
                               predictor: AttentionPredictor | None = None) -> AttentionPredictor:
     """Fit the score maps to the exposer's row-normalised block mass [N, H, n, n] (cross-entropy
     between distributions over key blocks) from hidden states [N, S, d]."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(hidden.device).manual_seed(seed)
     if predictor is None:
         torch.manual_seed(seed)
-        predictor = AttentionPredictor(hidden.shape[-1], heads, rank, block)
+        predictor = AttentionPredictor(hidden.shape[-1], heads, rank, block).to(hidden.device)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
     scale = hidden.std()
     predictor.train()
     for _ in range(steps):
-        rows = torch.randint(len(hidden), (min(8, len(hidden)),), generator=generator)
-        inputs = hidden[rows] + noise * scale * torch.randn(hidden[rows].shape, generator=generator)
+        rows = torch.randint(len(hidden), (min(8, len(hidden)),), generator=generator, device=hidden.device)
+        inputs = hidden[rows] + noise * scale * torch.randn(hidden[rows].shape, generator=generator,
+                                                            device=hidden.device)
         log_scores = predictor(inputs)
         loss = -(target[rows] * log_scores.masked_fill(torch.isinf(log_scores), 0.0)).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -355,7 +357,7 @@ class PredictorSet(nn.Module):
             predicted = torch.cat([self.mlp[index].keep(x, cfg.tile_m) for x in layer.mlp_x])
             mlp = mlp_metrics(predicted, torch.cat(layer.tile_target), torch.cat(layer.tile_mass))
             n = layer.attn_target[0].shape[-1]
-            pool = PatternPool(n)
+            pool = PatternPool(n, device=layer.attn_hidden[0].device)
             density, covered, exposer_density = [], [], []
             for hidden, target, keep in zip(layer.attn_hidden, layer.attn_target, layer.attn_keep):
                 grid, _, d, _ = self.attn[index].layout(hidden, pool, cfg.attn_coverage)
@@ -480,7 +482,7 @@ class DriftMonitor:
                 target = layer.attn_target[0]
                 n = target.shape[-1]
                 if n not in self._pools:
-                    self._pools[n] = PatternPool(n)
+                    self._pools[n] = PatternPool(n, device=target.device)
                 grid, _, _, _ = self.predictors.attn[index].layout(layer.attn_hidden[0], self._pools[n],
                                                                    cfg.attn_coverage)
                 attention = mass_covered(target, grid.to_dense())
