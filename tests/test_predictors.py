@@ -159,7 +159,7 @@ def test_predictors_fit_and_drift_checks_run_on_the_gpu(small_opt, corpus):
     import copy
 
     model = copy.deepcopy(small_opt).cuda()
-    batches = [b.cuda() for b in calibration_batches(corpus, 14)]
+    batches = calibration_batches(corpus, 14)  # on the host: fit and check move them to the model
     torch.manual_seed(0)
     predictors = PredictorSet(LongExposureConfig(**CONFIG), model_fingerprint(model)).cuda()
     reports = predictors.fit(model, batches[:8], batches[8:], steps=150, progress=False)

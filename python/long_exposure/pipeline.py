@@ -134,7 +134,8 @@ def calibrate_and_train_predictors(model, blocks: torch.Tensor, config: LongExpo
     that co-active neurons share blocks; the order is kept in the predictors' neuron_orders."""
     from .permutation import calibrated_orders, permute_model
 
-    batches = list(blocks.split(batch_size))
+    device = next(model.parameters()).device
+    batches = list(blocks.to(device).split(batch_size))
     n_holdout = max(1, int(len(batches) * holdout_share))
     if len(batches) < 2:
         raise ValueError(f"calibration needs at least {2 * batch_size} sequences, got {len(blocks)}")
@@ -142,7 +143,7 @@ def calibrate_and_train_predictors(model, blocks: torch.Tensor, config: LongExpo
     if permute:
         orders = calibrated_orders(model, batches[:-n_holdout], config.tile_m, config.block_n)
         permute_model(model, orders)
-    predictors = PredictorSet(config, model_fingerprint(model)).to(next(model.parameters()).device)
+    predictors = PredictorSet(config, model_fingerprint(model)).to(device)
     if orders is not None:
         predictors.neuron_orders.copy_(torch.stack(orders))
     reports = predictors.fit(model, batches[:-n_holdout], batches[-n_holdout:], steps=steps, progress=progress)

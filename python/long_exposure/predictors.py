@@ -298,8 +298,9 @@ class PredictorSet(nn.Module):
                           mlp_policies={cfg.mlp_policy: cfg.mlp_policy_object()}, attn_policy=cfg.attn_policy_object())
         policy = cfg.mlp_policy_object()
         data = [_LayerData() for _ in self.mlp]
+        device = next(model.parameters()).device
         for input_ids in batches:
-            for layer, cap in zip(data, exposer.capture(input_ids)):
+            for layer, cap in zip(data, exposer.capture(input_ids.to(device))):
                 h = torch.relu(cap.pre_activation)
                 layer.mlp_x.append(cap.mlp_input)
                 # A token's label is what the policy keeps for a tile of that one token.
