@@ -273,6 +273,10 @@ def main() -> None:
     show("|---|---|---|---|---|---|---|---|---|---|---|")
     speedups: dict[str, list[tuple[int, float]]] = {}
     vocab = 50000
+    if args.checkpoint:  # random ids within the checkpoint's vocabulary (pretrain_opt's has 257 byte tokens)
+        import transformers
+
+        vocab = min(vocab, transformers.AutoConfig.from_pretrained(args.checkpoint).vocab_size)
     for seq in args.seq:
         if trained:  # real text, so that the predictors see what they were trained on
             from long_exposure.data import load_addresses, split_by_year, token_blocks

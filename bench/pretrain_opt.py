@@ -39,9 +39,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 from e2e import OPT_SHAPES
@@ -49,22 +47,13 @@ from report import Report
 
 from long_exposure.cli import UsageError, staged_output
 from long_exposure.config import LongExposureConfig
-from long_exposure.data import CORPUS_NAME, ByteTokenizer, load_addresses, split_by_year, token_blocks
+from long_exposure.data import ByteTokenizer, load_addresses, split_by_year, token_blocks
 from long_exposure.pipeline import calibrate_and_train_predictors, evaluate
 
 SHAPES = {**OPT_SHAPES, "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256)}
 # Real OPT was trained at 3e-4 (350m) and below; these runs are short but their batches are small,
 # and a post-LayerNorm 350m diverges sooner than the pre-LayerNorm shapes.
 DEFAULT_LR = {"tiny": 3e-3, "350m": 3e-4, "1.3b": 2e-4, "2.7b": 2e-4}
-
-
-def corpus_file(path: str | None) -> str | Path | None:
-    """--corpus, else $LONG_EXPOSURE_DATA; a folder stands for the corpus file in it (data.find_corpus
-    takes only the file itself)."""
-    path = path or os.environ.get("LONG_EXPOSURE_DATA")
-    if path and Path(path).is_dir():
-        return Path(path) / CORPUS_NAME
-    return path
 
 
 def build_model(shape: str, seq: int, seed: int, device: torch.device):
@@ -153,7 +142,7 @@ def main() -> None:
     say = report.say
 
     started = time.time()
-    splits = split_by_year(load_addresses(corpus_file(args.corpus)))
+    splits = split_by_year(load_addresses(args.corpus))
     train_blocks = token_blocks(splits["pretrain"], args.seq)
     eval_blocks = token_blocks(splits["evaluate"], args.seq, max_blocks=128)
     calibration_blocks = token_blocks(splits["finetune"], args.seq, max_blocks=args.calibration_sequences)

@@ -27,12 +27,12 @@ class Address:
 
 
 def find_corpus(path: str | os.PathLike | None = None) -> Path:
-    """The corpus file: `path`, else $LONG_EXPOSURE_DATA, else shared/data beside or above the cwd."""
+    """The corpus file: `path`, else $LONG_EXPOSURE_DATA, else shared/data beside or above the cwd.
+    A folder given as `path` or in $LONG_EXPOSURE_DATA stands for the corpus file in it."""
     candidates = []
-    if path is not None:
-        candidates.append(Path(path))
-    elif os.environ.get("LONG_EXPOSURE_DATA"):
-        candidates.append(Path(os.environ["LONG_EXPOSURE_DATA"]))
+    given = path if path is not None else os.environ.get("LONG_EXPOSURE_DATA") or None
+    if given is not None:
+        candidates.append(Path(given) / CORPUS_NAME if Path(given).is_dir() else Path(given))
     else:
         here = Path.cwd().resolve()
         for folder in (here, *here.parents):
