@@ -41,8 +41,10 @@ def balanced_order(profiles: torch.Tensor, block_n: int, iterations: int = 10) -
         similarity = points @ centroids.t()  # [F, n_blocks]
         # Greedy balanced assignment: the most confident (neuron, block) pairs first.
         order = similarity.flatten().argsort(descending=True)
-        new = torch.full((F,), -1, dtype=torch.long)
-        room = capacity.clone()
+        # Python lists, not tensors: this loop visits up to F * n_blocks pairs, and indexing a
+        # tensor element costs microseconds (7.7 s against 0.25 s at F = 4096, 32 blocks).
+        new = [-1] * F
+        room = capacity.tolist()
         neurons, blocks = (order // n_blocks).tolist(), (order % n_blocks).tolist()
         left = F
         for neuron, block in zip(neurons, blocks):
@@ -52,6 +54,7 @@ def balanced_order(profiles: torch.Tensor, block_n: int, iterations: int = 10) -
                 left -= 1
                 if left == 0:
                     break
+        new = torch.tensor(new)
         if torch.equal(new, assignment):
             break
         assignment = new
