@@ -164,7 +164,7 @@ def main() -> None:
                 say(f"stopped by --seconds {args.seconds:g} after {len(losses)} of {args.steps} steps")
             tail = losses[-min(20, len(losses)):]
             with autocast(device):
-                held_out = evaluate(model, eval_blocks.to(device))
+                held_out = evaluate(model, eval_blocks)
             say(f"pretraining: {len(losses)} steps in {seconds:.0f} s "
                 f"({seconds / max(1, len(losses)) * 1000:.0f} ms/step); loss {losses[0]:.4f} at the first step, "
                 f"{sum(tail) / len(tail):.4f} over the last {len(tail)}; held-out loss on 2000 onward "

@@ -4,7 +4,7 @@ import torch
 from long_exposure.captured_step import CapturedStep
 from long_exposure.config import LongExposureConfig
 from long_exposure.models.opt import convert
-from long_exposure.pipeline import finetune
+from long_exposure.pipeline import evaluate, finetune
 from long_exposure.predictors import PredictorSet, model_fingerprint
 
 pytest.importorskip("peft")
@@ -114,12 +114,14 @@ def test_a_step_that_cannot_be_captured_leaves_model_and_optimizer_as_they_were(
 @pytest.mark.gpu
 def test_finetune_captures_by_default_on_the_gpu_and_matches_eager_finetuning():
     blocks = torch.randint(0, 512, (8, 256), generator=torch.Generator().manual_seed(7))
-    runs = {}
+    runs, held_out = {}, {}
     for capture in (False, None):
         model, controller = sparse_kernel_sized_opt()
         runs[capture] = finetune(model, blocks, steps=3, batch_size=2, progress=False, controller=controller,
                                  capture=capture)
+        held_out[capture] = evaluate(model, blocks[:4], batch_size=2)  # host blocks, a GPU model
     torch.testing.assert_close(torch.tensor(runs[None].losses), torch.tensor(runs[False].losses), rtol=2e-2, atol=0)
+    assert held_out[None] == pytest.approx(held_out[False], rel=2e-2)
     assert runs[None].mlp_density.keys() == runs[False].mlp_density.keys()
     for layer, density in runs[False].mlp_density.items():
         assert runs[None].mlp_density[layer] == pytest.approx(density, abs=0.05)

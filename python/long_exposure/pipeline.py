@@ -115,9 +115,10 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     model.eval()
     try:
         total, count = 0.0, 0
+        device = next(model.parameters()).device
         with dense_forward(model):
             for start in range(0, len(blocks), batch_size):
-                batch = blocks[start : start + batch_size]
+                batch = blocks[start : start + batch_size].to(device)
                 total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
                 count += len(batch)
     finally:
