@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import time
 
 import torch
@@ -50,6 +49,7 @@ from long_exposure.cli import UsageError, staged_output
 from long_exposure.config import LongExposureConfig
 from long_exposure.data import ByteTokenizer, load_addresses, split_by_year, token_blocks
 from long_exposure.pipeline import calibrate_and_train_predictors, evaluate
+from long_exposure.small_opt import pretrain
 
 SHAPES = {**OPT_SHAPES, "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256)}
 # Real OPT was trained at 3e-4 (350m) and below; these runs are short but their batches are small,
@@ -75,47 +75,6 @@ def build_model(shape: str, seq: int, seed: int, device: torch.device):
 
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def pretrain(model, blocks: torch.Tensor, steps: int, batch: int, lr: float, seconds: float | None, seed: int,
-             device: torch.device) -> tuple[list[float], float, bool]:
-    """Next-token training on [n, seq] blocks: (loss of every step, seconds, stopped by --seconds).
-
-    Not small_opt.pretrain: that one indexes batches on the host without moving them to the
-    model's device, has no bf16 autocast and no time cap. Warm-up and cosine here run to --steps or to
-    --seconds, whichever comes first, so a run cut by the clock still ends at a low learning rate."""
-    from tqdm.auto import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.type == "cuda")
-    blocks = blocks.to(device)  # the whole split is a few tens of MB: no host-to-device copy per step
-    model.train()
-    losses, stopped = [], False
-    started = time.perf_counter()
-    bar = tqdm(range(steps), desc="pretraining", leave=False)
-    for step in bar:
-        elapsed = time.perf_counter() - started  # loss.item() below syncs, so this is the device's time too
-        if seconds is not None and elapsed >= seconds:
-            stopped = True
-            break
-        progress = max(step / steps, elapsed / seconds if seconds else 0.0)
-        warm = min(1.0, 10 * max((step + 1) / steps, progress))  # warm-up: the first tenth of the run
-        factor = warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * factor
-        ids = blocks[torch.randint(len(blocks), (batch,), generator=generator).to(device)]
-        with autocast(device):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise SystemExit(f"pretraining diverged: loss {losses[-1]} at step {step + 1}; try a smaller --lr")
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return losses, time.perf_counter() - started, stopped
 
 
 def main() -> None:
@@ -158,8 +117,12 @@ def main() -> None:
             say(f"OPT-{args.shape} layer shape {SHAPES[args.shape]}, byte vocabulary, {n_params / 1e6:.1f} M "
                 f"parameters, on {device} ({precision}); {len(train_blocks)} pretraining sequences of {args.seq} "
                 f"tokens, batch {args.batch}, lr {lr:g}")
-            losses, seconds, stopped = pretrain(model, train_blocks, args.steps, args.batch, lr, args.seconds,
-                                                args.seed, device)
+            pretraining = time.perf_counter()
+            try:
+                losses = pretrain(model, train_blocks, args.steps, args.batch, lr, args.seed, seconds=args.seconds)
+            except ValueError as error:  # diverged
+                raise SystemExit(f"pretrain_opt.py: {error} (--lr)") from None
+            seconds, stopped = time.perf_counter() - pretraining, len(losses) < args.steps
             if stopped:
                 say(f"stopped by --seconds {args.seconds:g} after {len(losses)} of {args.steps} steps")
             tail = losses[-min(20, len(losses)):]

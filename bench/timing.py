@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from long_exposure.captured_step import capture_graph
+
 
 def cuda_times_ms(fn, reps: int, warmup: int = 0) -> list[float]:
     """Milliseconds of each of `reps` calls of fn, each bracketed by CUDA events on the current stream."""
@@ -21,24 +23,9 @@ def cuda_times_ms(fn, reps: int, warmup: int = 0) -> list[float]:
     return times
 
 
-def capture(fn, warmup: int = 3):
-    """(graph, output): fn captured in a CUDA graph after `warmup` calls on a side stream, as torch
-    asks (the warm-up calls are real calls: they allocate what fn keeps and change what it updates)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn()
-    return graph, output
-
-
 def graph_times_ms(fn, reps: int, replays: int = 10) -> list[float]:
     """Milliseconds per call of fn, with `replays` calls captured in one CUDA graph and each graph
     replay timed: the kernels' own time, without the host's launch overhead between calls (a
     training step captured in a graph runs the same way)."""
-    graph, _ = capture(lambda: [fn() for _ in range(replays)])
+    graph, _ = capture_graph(lambda: [fn() for _ in range(replays)])
     return [t / replays for t in cuda_times_ms(graph.replay, reps, warmup=2)]

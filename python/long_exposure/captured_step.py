@@ -24,6 +24,21 @@ from typing import Callable
 import torch
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 3):
+    """(graph, output): fn captured in a CUDA graph after `warmup` calls on a side stream, as torch
+    asks (the warm-up calls are real calls: they allocate what fn keeps and change what it updates)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """The next-token loss of a Hugging Face causal LM on a [batch, seq] block of token ids."""
     return model(input_ids=batch, labels=batch).loss
@@ -77,29 +92,22 @@ class CapturedStep:
     def captured_shapes(self) -> list[tuple]:
         return [shape for shape, _ in self._graphs]
 
-    def _eager_step(self, batch: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
-        loss.backward()
-        self.optimizer.step()
-        return loss
-
     def _capture(self, batch: torch.Tensor):
         static_batch = batch.to(self.device, copy=True)
         saved = self._snapshot()
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._eager_step(static_batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            # Gradients are None at capture, so the graph allocates them and each replay writes
-            # them afresh instead of accumulating into the last step's.
+
+        def step():
+            # Gradients are None when each call starts, so the graph allocates them and each
+            # replay writes them afresh instead of accumulating into the last step's.
             self.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_loss = self._eager_step(static_batch)
+            loss = self.loss_fn(self.model, static_batch)
+            loss.backward()
+            self.optimizer.step()
+            return loss
+
+        try:
+            with torch.cuda.device(self.device):
+                graph, static_loss = capture_graph(step, self.warmup)
         except Exception as error:
             self._restore(saved)
             raise RuntimeError(f"the training step could not be captured in a CUDA graph "
