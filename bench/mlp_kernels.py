@@ -41,8 +41,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--tile-m", type=int, default=64)
     parser.add_argument("--block-n", type=int, default=128)
-    parser.add_argument("--kernels", nargs="+", default=["default", "mma"],
-                        help="default: what the device gets (wgmma on a Hopper); mma: the portable mma.sync kernels")
+    parser.add_argument("--kernels", nargs="+", default=["default", "mma"], choices=["default", "mma", "cp-async"],
+                        help="default: what the device gets (wgmma fed by TMA on a Hopper); mma: the portable "
+                             "mma.sync kernels; cp-async: wgmma fed by the cp.async ring")
     args = parser.parse_args()
     dev, dt, T = "cuda", torch.bfloat16, args.tokens
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {T} tokens, bf16, "
@@ -65,8 +66,8 @@ def main() -> None:
         dense_ms = cuda_ms(dense)
         flops = 8 * T * d * F  # two GEMMs forward, two to the input backward
         for kernels, density in [(k, dens) for k in args.kernels for dens in args.density]:
-            if kernels == "mma":
-                os.environ["LONG_EXPOSURE_MLP_KERNEL"] = "mma"
+            if kernels != "default":
+                os.environ["LONG_EXPOSURE_MLP_KERNEL"] = kernels
             else:
                 os.environ.pop("LONG_EXPOSURE_MLP_KERNEL", None)
             mask = random_mlp_mask(T, F, args.tile_m, args.block_n, density,

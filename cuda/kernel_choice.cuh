@@ -10,10 +10,15 @@
 
 namespace long_exposure {
 
+// Whether the environment variable is set to exactly `value`.
+inline bool kernel_variable_is(const char* variable, const char* value) {
+  const char* choice = std::getenv(variable);
+  return choice && std::strcmp(choice, value) == 0;
+}
+
 inline bool use_wgmma_kernels(int device, const char* variable) {
 #ifdef LONG_EXPOSURE_WITH_SM90A
-  const char* choice = std::getenv(variable);
-  if (choice && std::strcmp(choice, "mma") == 0) return false;
+  if (kernel_variable_is(variable, "mma")) return false;
   int major = 0, minor = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
   check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");

@@ -18,6 +18,7 @@
 // XOR-swizzled by row, so ldmatrix's 8 rows land in 8 distinct bank groups.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -36,6 +37,10 @@ struct Operand {
   int64_t ld = 0;          // stride of the slow index (rows if K-major, k if MN-major)
   int64_t rows = 0;        // valid extent of the M (or N) index from ptr
   int64_t k_size = 0;      // valid extent of the K index
+  // For engines that load by TMA (wgmma_tma_gemm.cuh): the map of the whole tensor ptr lies in,
+  // and the M (or N) index of ptr's row (K-major) or column (MN-major) in it.
+  const CUtensorMap* map = nullptr;
+  int32_t origin = 0;
 };
 
 // One chunk of the K loop: its operands and the K offset of its first element in both.
@@ -224,6 +229,7 @@ struct Engine {
   static constexpr int BM = 64, BN = BN_;
   static constexpr int kPieces = 1, kPieceN = BN;
   using Chunk = SplitChunk<T, kPieces>;
+  static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = Cfg::kThreads;
   static constexpr int kSlots = Cfg::NI;  // column pairs each thread holds
   static constexpr int shared_bytes() { return Cfg::template shared_bytes<T>(); }

@@ -21,6 +21,8 @@
 // elsewhere, so the launcher clears H or dH first exactly when one of those is asked for.
 #pragma once
 
+#include <cuda.h>
+
 #include "long_exposure/mlp.h"
 #include "mma_gemm.cuh"
 
@@ -34,12 +36,22 @@ struct Dims {
   int64_t tokens, model, neurons, r1, r2, tile_m, block_n, capacity;
 };
 
+// The operands' tensor maps, encoded by the launcher for engines that load by TMA only; named
+// as the pointers are, a map per use where the box differs.
+struct ForwardMaps {
+  CUtensorMap x, w1, lora1_u, lora1_b, h, w2, lora2_a;
+};
+struct BackwardMaps {
+  CUtensorMap dy, dlora2_v, w2, lora2_a, dh, w1, lora1_b;
+};
+
 template <typename T>
 struct ForwardParams {
   Dims dims;
   const T *x, *w1, *b1, *w2, *b2, *lora1_u, *lora1_b, *lora2_a;
   const int32_t *counts, *indices;
   T *y, *h, *lora2_v;
+  ForwardMaps maps;
 };
 
 template <typename T>
@@ -49,6 +61,7 @@ struct BackwardParams {
   const int32_t *counts, *indices;
   T *dh, *dx, *dlora1_u;
   float* db1_sum;  // [neurons] fp32, zeroed by the launcher; null when db1 is not asked for
+  BackwardMaps maps;
 };
 
 template <typename T>
@@ -134,20 +147,23 @@ __device__ __forceinline__ void product_with_lora(typename Engine::Acc& acc, con
 // fc1 over one thread block's pieces of active pairs. grid: (mask slots x block_n / kPieceN /
 // kPieces rounded up, tokens / BM).
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(ForwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(const __grid_constant__ ForwardParams<T> p) {
   constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
   PairPieces<Engine::kPieces> pairs;
   if (!active_pair_pieces<Engine>(d, p.counts, p.indices, pairs)) return;
   const int64_t m0 = pairs.m0, rows = pairs.rows;
-  typename Engine::Chunk frozen{{p.x + m0 * d.model, d.model, rows, d.model}, {}, 0};
-  typename Engine::Chunk lora{{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1}, {}, 0};
+  const int origin = static_cast<int>(m0);
+  typename Engine::Chunk frozen{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
+  typename Engine::Chunk lora{{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1, &p.maps.lora1_u, origin}, {}, 0};
 #pragma unroll
   for (int j = 0; j < Engine::kPieces; ++j) {
     // A padding piece keeps a valid base (the weight's) with no rows.
-    frozen.b[j] = {p.w1 + static_cast<int64_t>(pairs.n0[j]) * d.model, d.model, pairs.cols[j], d.model};
-    lora.b[j] = {p.lora1_b + static_cast<int64_t>(pairs.n0[j]) * d.r1, d.r1, pairs.cols[j], d.r1};
+    frozen.b[j] = {p.w1 + static_cast<int64_t>(pairs.n0[j]) * d.model, d.model, pairs.cols[j], d.model, &p.maps.w1,
+                   pairs.n0[j]};
+    lora.b[j] = {p.lora1_b + static_cast<int64_t>(pairs.n0[j]) * d.r1, d.r1, pairs.cols[j], d.r1, &p.maps.lora1_b,
+                 pairs.n0[j]};
   }
   typename Engine::Acc acc;
   product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.lora1_u ? d.r1 : 0, shared);
@@ -182,22 +198,24 @@ struct GatheredK {
 
 // The B pieces of BN output columns from n0 of a weight whose row n starts at weight + n *
 // n_stride (n0 + j kPieceN onwards for piece j), cols of them inside it: pieces past the end are
-// empty.
+// empty. `map` is the weight's tensor map (for TMA engines).
 template <typename Engine, typename T>
-__device__ __forceinline__ void column_pieces(typename Engine::Chunk& chunk, const T* weight, int64_t n_stride,
-                                              int64_t ld, int64_t n0, int64_t cols, int64_t k_size) {
+__device__ __forceinline__ void column_pieces(typename Engine::Chunk& chunk, const T* weight, const CUtensorMap* map,
+                                              int64_t n_stride, int64_t ld, int64_t n0, int64_t cols,
+                                              int64_t k_size) {
 #pragma unroll
   for (int j = 0; j < Engine::kPieces; ++j) {
     const int64_t start = static_cast<int64_t>(j) * Engine::kPieceN, piece_cols = cols - start;
-    chunk.b[j] = piece_cols > 0 ? mma::Operand<T>{weight + (n0 + start) * n_stride, ld, piece_cols, k_size}
-                                : mma::Operand<T>{weight, ld, 0, k_size};
+    chunk.b[j] = piece_cols > 0 ? mma::Operand<T>{weight + (n0 + start) * n_stride, ld, piece_cols, k_size, map,
+                                                  static_cast<int>(n0 + start)}
+                                : mma::Operand<T>{weight, ld, 0, k_size, map, 0};
   }
 }
 
 // fc2 and its LoRA columns over one (BM tokens, BN outputs) tile. grid.x counts the Y column
 // tiles first, then the lora2_v ones.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(const __grid_constant__ ForwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
@@ -206,8 +224,10 @@ __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> 
   const bool is_y = blockIdx.x < y_tiles;
   const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_tiles) * BN;
   const int64_t cols = (is_y ? d.model : d.r2) - n0;
-  typename Engine::Chunk chunk{{p.h + m0 * d.neurons, d.neurons, rows, d.neurons}, {}, 0};
-  column_pieces<Engine, T>(chunk, is_y ? p.w2 : p.lora2_a, d.neurons, d.neurons, n0, cols, d.neurons);
+  typename Engine::Chunk chunk{{p.h + m0 * d.neurons, d.neurons, rows, d.neurons, &p.maps.h, static_cast<int>(m0)},
+                              {}, 0};
+  column_pieces<Engine, T>(chunk, is_y ? p.w2 : p.lora2_a, is_y ? &p.maps.w2 : &p.maps.lora2_a, d.neurons, d.neurons,
+                           n0, cols, d.neurons);
   const int64_t tile = m0 / d.tile_m;
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;
@@ -230,7 +250,7 @@ __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(ForwardParams<T> 
 
 // dH over one thread block's pieces of active pairs, and their share of db1.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads) dh_kernel(const __grid_constant__ BackwardParams<T> p) {
   constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
@@ -238,12 +258,13 @@ __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> 
   if (!active_pair_pieces<Engine>(d, p.counts, p.indices, pairs)) return;
   const int64_t m0 = pairs.m0, rows = pairs.rows;
   // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
-  typename Engine::Chunk frozen{{p.dy + m0 * d.model, d.model, rows, d.model}, {}, 0};
-  typename Engine::Chunk lora{{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2}, {}, 0};
+  const int origin = static_cast<int>(m0);
+  typename Engine::Chunk frozen{{p.dy + m0 * d.model, d.model, rows, d.model, &p.maps.dy, origin}, {}, 0};
+  typename Engine::Chunk lora{{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2, &p.maps.dlora2_v, origin}, {}, 0};
 #pragma unroll
   for (int j = 0; j < Engine::kPieces; ++j) {
-    frozen.b[j] = {p.w2 + pairs.n0[j], d.neurons, pairs.cols[j], d.model};
-    lora.b[j] = {p.lora2_a + pairs.n0[j], d.neurons, pairs.cols[j], d.r2};
+    frozen.b[j] = {p.w2 + pairs.n0[j], d.neurons, pairs.cols[j], d.model, &p.maps.w2, pairs.n0[j]};
+    lora.b[j] = {p.lora2_a + pairs.n0[j], d.neurons, pairs.cols[j], d.r2, &p.maps.lora2_a, pairs.n0[j]};
   }
   typename Engine::Acc acc;
   product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
@@ -283,7 +304,7 @@ __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(BackwardParams<T> 
 
 // dX and dU1 over one (BM tokens, BN outputs) tile: grid.x counts the dX tiles, then dU1's.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) dx_kernel(BackwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads) dx_kernel(const __grid_constant__ BackwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
@@ -293,8 +314,10 @@ __global__ void __launch_bounds__(Engine::kThreads) dx_kernel(BackwardParams<T> 
   const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_tiles) * BN;
   const int64_t width = is_x ? d.model : d.r1, cols = width - n0;
   // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
-  typename Engine::Chunk chunk{{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons}, {}, 0};
-  column_pieces<Engine, T>(chunk, is_x ? p.w1 : p.lora1_b, 1, width, n0, cols, d.neurons);
+  typename Engine::Chunk chunk{{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons, &p.maps.dh, static_cast<int>(m0)},
+                              {}, 0};
+  column_pieces<Engine, T>(chunk, is_x ? p.w1 : p.lora1_b, is_x ? &p.maps.w1 : &p.maps.lora1_b, 1, width, n0, cols,
+                           d.neurons);
   const int64_t tile = m0 / d.tile_m;
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;

@@ -7,6 +7,7 @@
 #include "cuda_check.cuh"
 #include "float_kernels.cuh"
 #include "neuron_block_mlp.cuh"
+#include "tma.cuh"
 
 namespace long_exposure {
 namespace neuron_block {
@@ -53,6 +54,39 @@ void launch(Kernel kernel, unsigned width, cudaStream_t stream, int device, cons
   check_cuda(cudaGetLastError(), name);
 }
 
+// The tensor maps of a TMA engine's operands (Engine::kABoxRows tall boxes of A operands,
+// kBBoxRows of B ones), named after the pointers of the params they describe.
+template <typename Engine, typename T>
+ForwardMaps forward_maps(const ForwardParams<T>& p) {
+  const Dims& d = p.dims;
+  constexpr int a = Engine::kABoxRows, b = Engine::kBBoxRows;
+  ForwardMaps m{};
+  m.x = tma::matrix_map(p.x, d.tokens, d.model, a, "x");
+  m.w1 = tma::matrix_map(p.w1, d.neurons, d.model, b, "w1");
+  m.h = tma::matrix_map(p.h, d.tokens, d.neurons, a, "h");
+  m.w2 = tma::matrix_map(p.w2, d.model, d.neurons, b, "w2");
+  m.lora1_u = tma::matrix_map(p.lora1_u, d.tokens, d.r1, a, "lora1_u");
+  m.lora1_b = tma::matrix_map(p.lora1_b, d.neurons, d.r1, b, "lora1_b");
+  m.lora2_a = tma::matrix_map(p.lora2_a, d.r2, d.neurons, b, "lora2_a");
+  return m;
+}
+// The backward's B operands are the forward's weights read MN-major: the boxes run along their
+// contiguous dimension (neurons of w2 and lora2_a, model columns of w1, rank of lora1_b).
+template <typename Engine, typename T>
+BackwardMaps backward_maps(const BackwardParams<T>& p) {
+  const Dims& d = p.dims;
+  constexpr int a = Engine::kABoxRows, b = Engine::kBBoxRows;
+  BackwardMaps m{};
+  m.dy = tma::matrix_map(p.dy, d.tokens, d.model, a, "dy");
+  m.dlora2_v = tma::matrix_map(p.dlora2_v, d.tokens, d.r2, a, "dlora2_v");
+  m.w2 = tma::matrix_map(p.w2, d.model, d.neurons, b, "w2");
+  m.lora2_a = tma::matrix_map(p.lora2_a, d.r2, d.neurons, b, "lora2_a");
+  m.dh = tma::matrix_map(static_cast<const T*>(p.dh), d.tokens, d.neurons, a, "dh");
+  m.w1 = tma::matrix_map(p.w1, d.neurons, d.model, b, "w1");
+  m.lora1_b = tma::matrix_map(p.lora1_b, d.neurons, d.r1, b, "lora1_b");
+  return m;
+}
+
 // The 64 x 64 tile for 64-neuron blocks, whichever engine takes the 128-wide tiles.
 template <typename T, bool B_KMAJOR>
 using NarrowEngine = mma::Engine<T, 64, B_KMAJOR, kStages>;
@@ -75,6 +109,7 @@ void forward_with(const MlpForwardArgs& a) {
     check_cuda(cudaMemsetAsync(p.h, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
   using Wide1 = Wide<T, true>;
   using Narrow1 = NarrowEngine<T, true>;
+  if constexpr (Wide1::kLoadsByTma) p.maps = forward_maps<Wide1>(p);
   static_assert(Wide1::kPieceN == 128, "the wide engine's pieces must divide the blocks it takes (multiples of 128)");
   if (d.block_n % 128 == 0)
     launch<Wide1>(fc1_kernel<T, Wide1>, pair_pieces<Wide1>(d), stream, device, p, "neuron-block MLP fc1");
@@ -104,6 +139,7 @@ void backward_with(const MlpBackwardArgs& a) {
     check_cuda(cudaMemsetAsync(p.dh, 0, sizeof(T) * d.tokens * d.neurons, stream), "cudaMemsetAsync");
   using Wide2 = Wide<T, false>;
   using Narrow2 = NarrowEngine<T, false>;
+  if constexpr (Wide2::kLoadsByTma) p.maps = backward_maps<Wide2>(p);
   static_assert(Wide2::kPieceN == 128, "the wide engine's pieces must divide the blocks it takes (multiples of 128)");
   if (d.block_n % 128 == 0)
     launch<Wide2>(dh_kernel<T, Wide2>, pair_pieces<Wide2>(d), stream, device, p, "neuron-block MLP dH");

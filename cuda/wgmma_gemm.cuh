@@ -105,6 +105,7 @@ struct Engine {
   static constexpr int BM = kM * WG_M, BN = kN * WG_N;
   static constexpr int kPieces = WG_N, kPieceN = kN;
   using Chunk = mma::SplitChunk<T, kPieces>;
+  static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = wgmma::kThreads * WG_M * WG_N;
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;
@@ -120,6 +121,37 @@ struct Engine {
   __device__ static __forceinline__ void zero(Acc& acc) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc.d[i] = 0.0f;
+  }
+
+  // Broadcast from lane 0 so that the compiler sees it uniform across the warp (and branches on
+  // it as on a uniform value): otherwise a wgmma under a branch on it is serialized.
+  __device__ static __forceinline__ int this_warpgroup() {
+    return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
+  }
+  // The warpgroup's 64 rows of the A tile: 64 rows of 128 bytes, 8 swizzle atoms.
+  __device__ static __forceinline__ int a_offset(int warpgroup) { return (warpgroup / WG_N) * kM * mma::kBK; }
+  // Selected rather than indexed: a run-time index would put the chunk in local memory.
+  __device__ static __forceinline__ bool piece_is_live(const Chunk& c, int piece) {
+    bool live = c.b[0].rows > 0;
+#pragma unroll
+    for (int j = 1; j < kPieces; ++j)
+      if (piece == j) live = c.b[j].rows > 0;
+    return live;
+  }
+  // acc += one chunk's A tile (this warpgroup's rows from a) times its B piece at b, issued as one
+  // committed wgmma group and left in flight.
+  __device__ static __forceinline__ void multiply(Acc& acc, const T* a, const T* b) {
+    fence();
+#pragma unroll
+    for (int kk = 0; kk < mma::kBK; kk += 16) {
+      // K-major: 16 K elements are 32 bytes along the swizzled row; 8-row atoms 1024 bytes apart.
+      const uint64_t da = descriptor(a + kk, 16, 1024);
+      const uint64_t db = B_KMAJOR ? descriptor(b + kk, 16, 1024)
+                                   // MN-major: 16 K rows of 128 bytes; N panels 64 x 64 elements apart.
+                                   : descriptor(b + kk * 64, mma::kBK * 64 * sizeof(T), 1024);
+      Wgmma64x128<T, !B_KMAJOR>::run(acc.d, da, db);
+    }
+    commit();
   }
 
   // get_chunk(i) -> Chunk. An empty B piece (rows <= 0) is neither copied nor multiplied: its
@@ -142,20 +174,7 @@ struct Engine {
       }
       mma::cp_async_commit();  // an empty group keeps the wait count uniform at the tail
     };
-    // Broadcast from lane 0 so that the compiler sees it uniform across the warp (and branches on
-    // it as on a uniform value): otherwise a wgmma under a branch on it is serialized.
-    const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
-    const int piece = warpgroup % WG_N;
-    // This warpgroup's 64 rows of the A tile: 64 rows of 128 bytes, 8 swizzle atoms.
-    const int a_rows = (warpgroup / WG_N) * kM * mma::kBK;
-    // Selected rather than indexed: a run-time index would put the chunk in local memory.
-    auto piece_is_live = [&](const Chunk& c) {
-      bool live = c.b[0].rows > 0;
-#pragma unroll
-      for (int j = 1; j < kPieces; ++j)
-        if (piece == j) live = c.b[j].rows > 0;
-      return live;
-    };
+    const int warpgroup = this_warpgroup(), piece = warpgroup % WG_N, a_rows = a_offset(warpgroup);
     for (int s = 0; s < kAhead; ++s) load(s);
     for (int i = 0; i < n_chunks; ++i) {
       mma::cp_async_wait<kAhead - 1>();
@@ -164,19 +183,8 @@ struct Engine {
       load(i + kAhead);
       const T* a = stage_a(i % STAGES) + a_rows;
       const T* b = stage_b(i % STAGES, piece);
-      const bool live = piece_is_live(get_chunk(i));
-      if (live) {
-        fence();
-#pragma unroll
-        for (int kk = 0; kk < mma::kBK; kk += 16) {
-          // K-major: 16 K elements are 32 bytes along the swizzled row; 8-row atoms 1024 bytes apart.
-          const uint64_t da = descriptor(a + kk, 16, 1024);
-          const uint64_t db = B_KMAJOR ? descriptor(b + kk, 16, 1024)
-                                       // MN-major: 16 K rows of 128 bytes; N panels 64 x 64 elements apart.
-                                       : descriptor(b + kk * 64, mma::kBK * 64 * sizeof(T), 1024);
-          Wgmma64x128<T, !B_KMAJOR>::run(acc.d, da, db);
-        }
-        commit();
+      if (piece_is_live(get_chunk(i), piece)) {
+        multiply(acc, a, b);
         wait_one();
       } else {
         // No group here: an empty commit on this path makes the compiler commit after the join,

@@ -3,16 +3,17 @@
 import pytest
 
 
-def kernel_choice(variable: str):
+def kernel_choice(variable: str, alternatives=("mma",)):
     """A fixture that runs each CUDA test on the kernels the device gets by default (wgmma on a
-    Hopper) and on the portable mma.sync ones, which `variable`=mma forces."""
+    Hopper) and on each alternative that `variable` can name: the portable mma.sync kernels
+    ("mma"), and for the MLP the wgmma kernels fed by cp.async instead of TMA ("cp-async")."""
 
-    @pytest.fixture(params=["default", "mma"])
+    @pytest.fixture(params=["default", *alternatives])
     def fixture(request, monkeypatch):
-        if request.param == "mma":
-            monkeypatch.setenv(variable, "mma")
-        else:
+        if request.param == "default":
             monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, request.param)
         return request.param
 
     return fixture

@@ -1,0 +1,47 @@
+// The neuron-block MLP's Hopper launches, for either element type (one instantiation file each).
+#pragma once
+
+#include "kernel_choice.cuh"
+#include "neuron_block_mlp_launch.cuh"
+#include "wgmma_gemm.cuh"
+#include "wgmma_tma_gemm.cuh"
+
+namespace long_exposure {
+namespace neuron_block {
+
+// Two warpgroups side by side along N, sharing each A tile, per 64 tokens; four (two by two) per
+// 128 where the mask's tiles allow it, sharing B tiles too. Wider and taller tiles bring fewer
+// bytes from L2 per FLOP, and those bytes bound these kernels (bench/RESULTS.md). TMA feeds them
+// unless LONG_EXPOSURE_MLP_KERNEL=cp-async asks for the cp.async ring (kept to compare against).
+// A 64 x 256 stage is 40 KiB, so five fit beside each other where four 48 KiB 128 x 256 ones do.
+template <typename T, bool B_KMAJOR>
+using Tma64x256 = wgmma::TmaEngine<T, B_KMAJOR, kStages + 1, 1, 2>;
+template <typename T, bool B_KMAJOR>
+using Tma128x256 = wgmma::TmaEngine<T, B_KMAJOR, kStages, 2, 2>;
+template <typename T, bool B_KMAJOR>
+using CpAsync64x256 = wgmma::Engine<T, B_KMAJOR, kStages, 1, 2>;
+template <typename T, bool B_KMAJOR>
+using CpAsync128x256 = wgmma::Engine<T, B_KMAJOR, kStages, 2, 2>;
+
+inline bool mlp_loads_by_cp_async() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "cp-async"); }
+
+template <typename T>
+void forward_hopper(const MlpForwardArgs& a) {
+  const bool tall = a.mask.tile_m % 128 == 0;
+  if (mlp_loads_by_cp_async())
+    tall ? forward_with<T, CpAsync128x256>(a) : forward_with<T, CpAsync64x256>(a);
+  else
+    tall ? forward_with<T, Tma128x256>(a) : forward_with<T, Tma64x256>(a);
+}
+
+template <typename T>
+void backward_hopper(const MlpBackwardArgs& a) {
+  const bool tall = a.mask.tile_m % 128 == 0;
+  if (mlp_loads_by_cp_async())
+    tall ? backward_with<T, CpAsync128x256>(a) : backward_with<T, CpAsync64x256>(a);
+  else
+    tall ? backward_with<T, Tma128x256>(a) : backward_with<T, Tma64x256>(a);
+}
+
+}  // namespace neuron_block
+}  // namespace long_exposure

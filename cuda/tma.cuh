@@ -1,0 +1,123 @@
+// Hopper's tensor-memory accelerator (TMA) and the shared-memory barriers that track its copies:
+// the device instructions (sm_90 and later) and, on the host, the tensor maps they read. One TMA
+// copy moves a whole 2-D box into a swizzled shared tile, zero-filling what lies outside the
+// tensor, and signals an mbarrier when its bytes have landed, so the threads that compute issue no
+// address arithmetic and meet at no block-wide barrier.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda_check.cuh"
+#include "long_exposure/tensor_view.h"
+
+namespace long_exposure {
+namespace tma {
+
+// ---- device side ----
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void barrier_init(uint64_t* barrier, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(barrier)), "r"(arrivals) : "memory");
+}
+// Makes initialised barriers visible to the async proxy (the TMA unit) before any copy names them.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` of copies to come before the phase may complete.
+__device__ __forceinline__ void arrive_expecting(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(barrier)), "r"(bytes)
+               : "memory");
+}
+// An arrival by the threads where `signal` holds, predicated rather than branched around: a branch
+// here, between a wgmma and its wait, makes ptxas serialize the wgmma (its warning C7515).
+__device__ __forceinline__ void arrive_if(uint64_t* barrier, bool signal) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+                   smem_address(barrier)),
+               "r"(static_cast<uint32_t>(signal))
+               : "memory");
+}
+// Waits until the barrier's phase of this parity has completed (phases alternate 0, 1, 0, ...).
+__device__ __forceinline__ void wait(uint64_t* barrier, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(barrier)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// The box of `map` whose first element is (c0 along the contiguous dimension, c1 along the other)
+// into `dst` (aligned to 1024 bytes for the 128-byte swizzle), completing on `barrier`. `map` must
+// live in kernel parameter, constant or global memory (a __grid_constant__ parameter here).
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, int32_t c0, int32_t c1,
+                                         uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_address(barrier))
+      : "memory");
+}
+
+// ---- host side ----
+
+template <typename T>
+constexpr CUtensorMapDataType data_type();
+template <>
+constexpr CUtensorMapDataType data_type<__nv_bfloat16>() {
+  return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+template <>
+constexpr CUtensorMapDataType data_type<__half>() {
+  return CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
+// The driver's encoder, found through the runtime so that the library need not link libcuda.
+inline PFN_cuTensorMapEncodeTiled_v12000 encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found),
+               "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    require(found == cudaDriverEntryPointSuccess && fn != nullptr,
+            "the CUDA driver has no cuTensorMapEncodeTiled (the TMA kernels need driver 12.0 or newer)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The map of a row-major [rows, cols] matrix at `base`, read in boxes of box_rows x 64 elements
+// (128 bytes, the widest row the 128-byte swizzle takes) that land swizzled as wgmma's canonical
+// layouts expect. Elements outside the matrix read as zeros. The kernels' callers already require
+// 16-byte-aligned bases and rows of whole 16-byte pieces, which is what TMA needs too.
+// An empty matrix gets a blank map: no chunk of an empty K range or M range is ever loaded.
+template <typename T>
+CUtensorMap matrix_map(const T* base, int64_t rows, int64_t cols, int box_rows, const char* name) {
+  CUtensorMap map{};
+  if (base == nullptr || rows <= 0 || cols <= 0) return map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(T)};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t steps[2] = {1, 1};
+  const CUresult status =
+      encoder()(&map, data_type<T>(), 2, const_cast<T*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  require(status == CUDA_SUCCESS, std::string("cuTensorMapEncodeTiled failed for ") + name + " [" +
+                                      std::to_string(rows) + ", " + std::to_string(cols) + "] (CUresult " +
+                                      std::to_string(static_cast<int>(status)) + ")");
+  return map;
+}
+
+}  // namespace tma
+}  // namespace long_exposure
