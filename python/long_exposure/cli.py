@@ -84,8 +84,16 @@ class Tokens:
         return torch.tensor(ids[: n * seq]).view(n, seq)
 
 
-def load_model(model_dir: str | None, seed: int, quiet: bool):
-    """(model, tokens, texts for the embedded default or None)."""
+def load_model(model_dir: str | None, seed: int, quiet: bool, device: torch.device = torch.device("cpu")):
+    """(model, tokens, texts for the embedded default or None), the model on `device`: in fp32 on
+    the host, in bf16 on a GPU, where the CUDA kernels take bf16 and fp16 only."""
+    model, tokens, texts = _load_host_model(model_dir, seed, quiet)
+    if device.type == "cuda":
+        model = model.to(device=device, dtype=torch.bfloat16)
+    return model, tokens, texts
+
+
+def _load_host_model(model_dir: str | None, seed: int, quiet: bool):
     if model_dir is None:
         from .data import token_blocks
         from .embedded import embedded_texts
@@ -129,6 +137,39 @@ def staged_output(out: str):
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# Mask geometry by device: small tiles suit the host's exact operators and the small models they
+# are tried on; the CUDA kernels need tiles and blocks in multiples of 64 (LongExposureConfig's
+# defaults).
+HOST_GEOMETRY = {"tile": 32, "block": 32, "attn_block": 32}
+
+
+def resolve_device(args) -> None:
+    """Checks --device and fills in the mask geometry the user left to it."""
+    from .config import LongExposureConfig
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: Long Exposure runs on cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA device is available")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", index)
+    args.device = device
+    if hasattr(args, "tile"):
+        gpu = LongExposureConfig()
+        defaults = HOST_GEOMETRY if device.type == "cpu" else {"tile": gpu.tile_m, "block": gpu.block_n,
+                                                               "attn_block": gpu.attn_block}
+        for name, value in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
 
 
 def config_from(args):
@@ -222,7 +263,7 @@ def plot_losses(path: Path, curves: dict[str, list[float]]) -> None:
 def cmd_calibrate(args) -> int:
     from .exposer import AttentionMassPolicy, Exposer, MlpMassPolicy, MlpThresholdPolicy
 
-    model, tokens, texts = load_model(args.model, args.seed, args.quiet)
+    model, tokens, texts = load_model(args.model, args.seed, args.quiet, args.device)
     for p in model.parameters():
         p.requires_grad_(False)
     blocks, _ = training_blocks(args, model, tokens, texts)
@@ -256,7 +297,7 @@ def _fit_predictors(args, model, blocks, quiet):
 
 
 def cmd_train_predictors(args) -> int:
-    model, tokens, texts = load_model(args.model, args.seed, args.quiet)
+    model, tokens, texts = load_model(args.model, args.seed, args.quiet, args.device)
     for p in model.parameters():
         p.requires_grad_(False)
     blocks, _ = training_blocks(args, model, tokens, texts)
@@ -276,7 +317,7 @@ def cmd_finetune(args) -> int:
     from .predictors import DriftMonitor, PredictorSet
 
     started = time.time()
-    model, tokens, texts = load_model(args.model, args.seed, args.quiet)
+    model, tokens, texts = load_model(args.model, args.seed, args.quiet, args.device)
     for p in model.parameters():
         p.requires_grad_(False)
     blocks, eval_blocks = training_blocks(args, model, tokens, texts)
@@ -286,6 +327,7 @@ def cmd_finetune(args) -> int:
                 predictors = PredictorSet.load(args.predictors, model=model, config=config_from(args))
             except (ValueError, FileNotFoundError) as error:
                 raise UsageError(str(error)) from error
+            predictors = predictors.to(args.device)
             permute_model(model, predictors.neuron_orders)  # the order the predictors were made in
         else:
             predictors, _ = _fit_predictors(args, model, blocks, args.quiet)
@@ -350,7 +392,7 @@ def _save_adapter(model, method: str, path: Path) -> None:
 def cmd_evaluate(args) -> int:
     from .pipeline import evaluate
 
-    model, tokens, texts = load_model(args.model, args.seed, args.quiet)
+    model, tokens, texts = load_model(args.model, args.seed, args.quiet, args.device)
     if args.adapter:
         model = _load_adapter(model, args.adapter)
     data = load_texts(args.data) if args.data else (texts["evaluate"] if texts else None)
@@ -411,9 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-sequences", type=int, default=2000, help="sequences read from --data at most")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-        p.add_argument("--tile", type=int, default=32, help="tokens per MLP mask tile")
-        p.add_argument("--block", type=int, default=32, help="neurons per MLP block")
-        p.add_argument("--attn-block", type=int, default=32, help="tokens per attention block")
+        p.add_argument("--device", default="cpu",
+                       help="cpu, cuda or cuda:N (default cpu); on a GPU the model runs in bf16 on the CUDA kernels")
+        p.add_argument("--tile", type=int, help="tokens per MLP mask tile (default 32 on the host, 64 on a GPU)")
+        p.add_argument("--block", type=int, help="neurons per MLP block (default 32 on the host, 128 on a GPU)")
+        p.add_argument("--attn-block", type=int, help="tokens per attention block (default 32 on the host, 64 on a GPU)")
         p.add_argument("--policy", choices=["mass", "threshold"], default="mass", help="the exposer's MLP policy")
         p.add_argument("--eps", type=float, default=0.05, help="mass policy: share of a tile's mass it may drop")
         p.add_argument("--coverage", type=float, default=0.95, help="share of attention mass layouts keep")
@@ -456,6 +500,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        if hasattr(args, "device"):
+            resolve_device(args)
         return args.handler(args)
     except UsageError as error:
         print(f"long-exposure {args.command}: error: {error}", file=sys.stderr)
