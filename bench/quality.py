@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.05], help="MLP mass-policy eps values")
     parser.add_argument("--coverage", type=float, default=0.95, help="attention coverage")
+    parser.add_argument("--tile", type=int, default=32, help="tokens per MLP mask tile (the GPU default is 64)")
+    parser.add_argument("--block", type=int, default=32, help="neurons per MLP block (the GPU default is 128)")
+    parser.add_argument("--attn-block", type=int, default=32, help="tokens per attention block (the GPU default is 64)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     report = Report()
@@ -43,13 +46,14 @@ def main() -> None:
     finetune_blocks = token_blocks(splits["finetune"], args.seq, max_blocks=4000)
     eval_blocks = token_blocks(splits["evaluate"], args.seq, max_blocks=64)
     say(f"small OPT (hidden 128, 4 layers, ffn 512), {args.pretrain_steps} pretraining steps; base loss on 2000+: "
-        f"{evaluate(base, eval_blocks):.4f}; {args.method}, {args.steps} fine-tuning steps of 8 x {args.seq} tokens")
+        f"{evaluate(base, eval_blocks):.4f}; {args.method}, {args.steps} fine-tuning steps of 8 x {args.seq} tokens; "
+        f"{args.tile}-token tiles, {args.block}-neuron blocks, {args.attn_block}-token attention blocks")
     say("")
     say("| MLP policy | attention coverage | dense adapter loss | Long Exposure adapter loss | gap | mean MLP density "
         "| mean attention density | step s dense / LE (CPU) | within 1% |")
     say("|---" * 9 + "|")
     for eps in args.eps:
-        config = LongExposureConfig(tile_m=32, block_n=32, attn_block=32, mlp_policy="mass", mlp_eps=eps,
+        config = LongExposureConfig(tile_m=args.tile, block_n=args.block, attn_block=args.attn_block, mlp_policy="mass", mlp_eps=eps,
                                     mlp_rank=32, attn_rank=8, attn_coverage=args.coverage, drift_every=50)
         torch.manual_seed(0)
         result = quality_comparison(copy.deepcopy(base), finetune_blocks, eval_blocks, config, method=args.method,
