@@ -16,15 +16,14 @@
 
 #include "cuda_check.cuh"
 #include "long_exposure/tensor_view.h"
+#include "ptx.cuh"
 
 namespace long_exposure {
 namespace tma {
 
 // ---- device side ----
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using ptx::smem_address;
 
 __device__ __forceinline__ void barrier_init(uint64_t* barrier, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(barrier)), "r"(arrivals) : "memory");
