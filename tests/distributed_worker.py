@@ -43,11 +43,15 @@ def main() -> None:
     if wrapper == "ddp":
         trained = torch.nn.parallel.DistributedDataParallel(model)
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # fully_shard's default mesh is on the accelerator where one exists, which would move the
+        # model to the GPU and leave the predictors on the CPU; this test is the CPU/gloo case.
+        mesh = init_device_mesh("cpu", (world,))
         for layer in model.base_model.model.model.decoder.layers:
-            fully_shard(layer)
-        trained = fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        trained = fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 64, (5, 8, 24), generator=torch.Generator().manual_seed(2))  # 5 steps of 8 sequences
     share = ids.shape[1] // world

@@ -147,7 +147,9 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
     def heads(t):
         return t.view(B, S, H, D).transpose(1, 2)
 
-    q = heads(attn.q_proj(hidden) * attn.scaling)
+    # OPT scales q after its projection; the kernels scale the scores in fp32 instead, which
+    # saves a pass over q forward and backward.
+    q = heads(attn.q_proj(hidden))
     k, v = heads(attn.k_proj(hidden)), heads(attn.v_proj(hidden))
     prefix_k = prefix_v = None
     if cache is not None:
@@ -161,7 +163,7 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
         # batch 4, 2048 tokens).
         k, v = full_k[:, :, past:], full_v[:, :, past:]
     layout = state.controller.attention_layout(state.index, hidden, H)
-    out = block_sparse_attention(q, k, v, layout, scale=1.0, prefix_k=prefix_k, prefix_v=prefix_v)
+    out = block_sparse_attention(q, k, v, layout, scale=attn.scaling, prefix_k=prefix_k, prefix_v=prefix_v)
     return attn.out_proj(out.transpose(1, 2).reshape(B, S, H * D))
 
 
