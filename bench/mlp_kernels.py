@@ -41,9 +41,11 @@ def main() -> None:
     parser.add_argument("--density", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--tile-m", type=int, default=64)
     parser.add_argument("--block-n", type=int, default=128)
-    parser.add_argument("--kernels", nargs="+", default=["default", "mma"], choices=["default", "mma", "cp-async"],
+    parser.add_argument("--kernels", nargs="+", default=["default", "mma"],
+                        choices=["default", "mma", "cp-async", "tma-deep"],
                         help="default: what the device gets (wgmma fed by TMA on a Hopper); mma: the portable "
-                             "mma.sync kernels; cp-async: wgmma fed by the cp.async ring")
+                             "mma.sync kernels; cp-async: wgmma fed by the cp.async ring; tma-deep: "
+                             "64-token tiles on one thread block per SM with a five-stage ring")
     args = parser.parse_args()
     dev, dt, T = "cuda", torch.bfloat16, args.tokens
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {T} tokens, bf16, "

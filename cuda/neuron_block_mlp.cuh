@@ -147,7 +147,7 @@ __device__ __forceinline__ void product_with_lora(typename Engine::Acc& acc, con
 // fc1 over one thread block's pieces of active pairs. grid: (mask slots x block_n / kPieceN /
 // kPieces rounded up, tokens / BM).
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) fc1_kernel(const __grid_constant__ ForwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kernel(const __grid_constant__ ForwardParams<T> p) {
   constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
@@ -215,7 +215,7 @@ __device__ __forceinline__ void column_pieces(typename Engine::Chunk& chunk, con
 // fc2 and its LoRA columns over one (BM tokens, BN outputs) tile. grid.x counts the Y column
 // tiles first, then the lora2_v ones.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(const __grid_constant__ ForwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc2_kernel(const __grid_constant__ ForwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(Engine::kThreads) fc2_kernel(const __grid_cons
 
 // dH over one thread block's pieces of active pairs, and their share of db1.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) dh_kernel(const __grid_constant__ BackwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kernel(const __grid_constant__ BackwardParams<T> p) {
   constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(Engine::kThreads) dh_kernel(const __grid_const
 
 // dX and dU1 over one (BM tokens, BN outputs) tile: grid.x counts the dX tiles, then dU1's.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads) dx_kernel(const __grid_constant__ BackwardParams<T> p) {
+__global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dx_kernel(const __grid_constant__ BackwardParams<T> p) {
   constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
   const Dims& d = p.dims;

@@ -101,12 +101,12 @@ LONG_EXPOSURE_WGMMA_64x128(__half, "f16", 1)
 // i - 1, or its drain where it skipped that chunk) before the block-wide barrier of chunk i.
 template <typename T, bool B_KMAJOR, int STAGES, int WG_M = 1, int WG_N = 1>
 struct Engine {
-  static_assert(STAGES >= 3, "one stage computing, one in flight, at least one loading");
   static constexpr int BM = kM * WG_M, BN = kN * WG_N;
   static constexpr int kPieces = WG_N, kPieceN = kN;
   using Chunk = mma::SplitChunk<T, kPieces>;
   static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = wgmma::kThreads * WG_M * WG_N;
+  static constexpr int kMinBlocks = 1;  // thread blocks per SM the kernels are compiled for
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;
   // Both tile sizes are multiples of 1024 bytes, so every tile of the ring keeps the alignment.
@@ -158,6 +158,7 @@ struct Engine {
   // warpgroup issues no wgmma for that chunk, and its stale shared tile is never read.
   template <typename GetChunk>
   __device__ static __forceinline__ void accumulate(Acc& acc, int n_chunks, GetChunk get_chunk, unsigned char* raw) {
+    static_assert(STAGES >= 3, "one stage computing, one in flight, at least one loading");
     constexpr int kAhead = STAGES - 2;
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
     auto stage_a = [&](int s) { return shared + s * kStageElements; };

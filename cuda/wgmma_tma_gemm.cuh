@@ -13,8 +13,11 @@
 namespace long_exposure {
 namespace wgmma {
 
-template <typename T, bool B_KMAJOR, int STAGES, int WG_M = 1, int WG_N = 1>
+// MIN_BLOCKS thread blocks share an SM where the ring is shallow enough for them to fit: while
+// one stores its tile's results, another's products keep the tensor cores busy.
+template <typename T, bool B_KMAJOR, int STAGES, int WG_M = 1, int WG_N = 1, int MIN_BLOCKS = 1>
 struct TmaEngine : Engine<T, B_KMAJOR, STAGES, WG_M, WG_N> {
+  static_assert(STAGES >= 2, "one stage computing, one loading");
   using Base = Engine<T, B_KMAJOR, STAGES, WG_M, WG_N>;
   using typename Base::Acc;
   using typename Base::ATile;
@@ -25,6 +28,7 @@ struct TmaEngine : Engine<T, B_KMAJOR, STAGES, WG_M, WG_N> {
   using Base::kStageElements;
   using Base::kThreads;
   static constexpr bool kLoadsByTma = true;
+  static constexpr int kMinBlocks = MIN_BLOCKS;
   // The box heights the launcher must encode each operand's map with: BM rows of the A operand,
   // kN rows of a K-major B piece, 64 K rows of each 64-column panel of an MN-major one.
   static constexpr int kABoxRows = BM, kBBoxRows = B_KMAJOR ? kN : mma::kBK;
