@@ -233,7 +233,8 @@ def main() -> None:
     parser.add_argument("--attn-density", type=float, default=0.25)
     parser.add_argument("--mlp-density", type=float, help="one MLP block density for every layer instead of "
                         "the paper's OPT-1.3B profile")
-    parser.add_argument("--tile-m", type=int, default=64)
+    parser.add_argument("--tile-m", type=int, default=LongExposureConfig.tile_m,
+                        help="tokens per MLP mask tile (LongExposureConfig's default)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--plot", help="PNG of the speedup over each baseline against sequence length")

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.05], help="MLP mass-policy eps values")
     parser.add_argument("--coverage", type=float, default=0.95, help="attention coverage")
-    parser.add_argument("--tile", type=int, default=32, help="tokens per MLP mask tile (the GPU default is 64)")
+    parser.add_argument("--tile", type=int, default=32, help="tokens per MLP mask tile (the GPU default is 128)")
     parser.add_argument("--block", type=int, default=32, help="neurons per MLP block (the GPU default is 128)")
     parser.add_argument("--attn-block", type=int, default=32, help="tokens per attention block (the GPU default is 64)")
     parser.add_argument("--out", default=None)

@@ -109,7 +109,7 @@ def test_bad_input_fails_clearly_and_leaves_nothing(model_dir, data, tmp_path, c
 @pytest.mark.gpu
 def test_finetune_and_evaluate_on_the_gpu(data, tmp_path):
     # A model the CUDA kernels take (head dim 64, d_ffn a multiple of the 128-neuron blocks), at the
-    # GPU's default geometry: 64-token tiles and attention blocks, 128-neuron blocks.
+    # GPU's default geometry: 128-token tiles, 128-neuron blocks, 64-token attention blocks.
     model_dir = tmp_path / "model"
     build_small_opt(hidden=128, layers=2, heads=2, ffn=512, max_positions=128).save_pretrained(model_dir)
     out = tmp_path / "run"

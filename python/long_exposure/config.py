@@ -11,7 +11,9 @@ from .exposer import AttentionMassPolicy, MlpMassPolicy, MlpThresholdPolicy
 
 @dataclass
 class LongExposureConfig:
-    tile_m: int = 64  # tokens per MLP mask tile
+    # tokens per MLP mask tile: 128-token tiles pass the quality test as 64-token ones do, and the
+    # kernels run them 20-30% faster (they share each weight tile between two warpgroup rows)
+    tile_m: int = 128
     block_n: int = 128  # neurons per MLP block
     attn_block: int = 64  # tokens per attention block (queries and keys)
     mlp_policy: str = "mass"  # the exposer's MLP policy: "mass" or "threshold"

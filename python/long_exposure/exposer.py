@@ -214,7 +214,7 @@ class LayerReport:
 class Exposer:
     """Calibration of a frozen OPT model: ground-truth MLP and attention block masks per layer."""
 
-    def __init__(self, model, tile_m: int = 64, block_n: int = 128, attn_block: int = 64,
+    def __init__(self, model, tile_m: int = 128, block_n: int = 128, attn_block: int = 64,
                  mlp_policies: dict | None = None, attn_policy: AttentionMassPolicy | None = None):
         self.model = model
         self.tile_m, self.block_n, self.attn_block = tile_m, block_n, attn_block
