@@ -143,6 +143,30 @@ def test_a_lora_adapter_saved_from_a_converted_model_loads_into_a_plain_one(tmp_
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_disabled_adapters_give_the_base_models_output():
+    plain = tiny_opt()
+    model = with_method(copy.deepcopy(plain), "lora_all")
+    convert(model, CONFIG, mode="full")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        on = model(input_ids=ids).logits
+        base = plain(input_ids=ids).logits
+    torch.testing.assert_close(off, base, atol=1e-5, rtol=1e-5)
+    assert (on - base).abs().max() > 1e-3  # the adapters, random in both factors, do act once enabled
+
+
+@pytest.mark.parametrize("kind", ["lora_bias", "dora"])
+def test_lora_kinds_the_layers_cannot_run_are_refused(kind):
+    options = {"lora_bias": True} if kind == "lora_bias" else {"use_dora": True}
+    model = peft.get_peft_model(tiny_opt(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **options))
+    convert(model, CONFIG, mode="full")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="q_proj: LoRA"):
+        model(input_ids=ids)
+
+
 def test_models_it_cannot_run_are_refused():
     with pytest.raises(TypeError, match="converts OPT models"):
         convert(torch.nn.Linear(2, 2))

@@ -103,18 +103,36 @@ def _lora_parts(module: nn.Module, name: str):
     base = getattr(module, "base_layer", None)
     if base is None:
         return module.weight, module.bias, None
-    adapters = [a for a in module.active_adapters if a in module.lora_A]
     if getattr(module, "merged", False):
         raise ValueError(f"{name}: merged LoRA weights cannot be split again; unmerge before converting")
+    if getattr(module, "disable_adapters", False):  # inside peft's disable_adapter(): the base layer alone
+        return base.weight, base.bias, None
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
     if len(adapters) > 1:
         raise ValueError(f"{name}: Long Exposure runs one active LoRA adapter per layer, found {adapters}")
     if not adapters:
         return base.weight, base.bias, None
     adapter = adapters[0]
-    if module.use_dora.get(adapter, False):
-        raise ValueError(f"{name}: DoRA is not supported by the neuron-block MLP")
+    if module.use_dora.get(adapter, False) or adapter in getattr(module, "lora_variant", {}):
+        raise ValueError(f"{name}: LoRA variants (DoRA and others) are not supported by Long Exposure's layers")
+    if module.lora_B[adapter].bias is not None:
+        raise ValueError(f"{name}: LoRA with a bias on its B factor (lora_bias) is not supported")
     return base.weight, base.bias, (module.lora_A[adapter].weight, module.lora_B[adapter].weight,
                                     module.scaling[adapter], module.lora_dropout[adapter])
+
+
+def _linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """module(x) for a Linear or a peft LoRA Linear, with the LoRA product in x's dtype, as the
+    MLP's. peft runs it in the adapter's dtype, fp32 under a bf16 model: a copy of x to fp32 and
+    one of its gradient back, per module and step (64 MiB each at OPT-1.3B with 8192 tokens)."""
+    if not hasattr(module, "lora_A"):
+        return module(x)
+    weight, bias, lora = _lora_parts(module, name)
+    y = nn.functional.linear(x, weight, bias)
+    if lora is None:
+        return y
+    a, b, scale, dropout = lora
+    return y + nn.functional.linear(nn.functional.linear(dropout(x), a.to(x.dtype)), b.to(x.dtype)) * scale
 
 
 def _sparse_mlp(layer, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
@@ -149,8 +167,8 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
 
     # OPT scales q after its projection; the kernels scale the scores in fp32 instead, which
     # saves a pass over q forward and backward.
-    q = heads(attn.q_proj(hidden))
-    k, v = heads(attn.k_proj(hidden)), heads(attn.v_proj(hidden))
+    q = heads(_linear(attn.q_proj, hidden, "q_proj"))
+    k, v = heads(_linear(attn.k_proj, hidden, "k_proj")), heads(_linear(attn.v_proj, hidden, "v_proj"))
     prefix_k = prefix_v = None
     if cache is not None:
         # What the cache held before this step (prefix tuning's virtual keys) comes first.
@@ -164,7 +182,7 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
         k, v = full_k[:, :, past:], full_v[:, :, past:]
     layout = state.controller.attention_layout(state.index, hidden, H)
     out = block_sparse_attention(q, k, v, layout, scale=attn.scaling, prefix_k=prefix_k, prefix_v=prefix_v)
-    return attn.out_proj(out.transpose(1, 2).reshape(B, S, H * D))
+    return _linear(attn.out_proj, out.transpose(1, 2).reshape(B, S, H * D), "out_proj")
 
 
 def _layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
