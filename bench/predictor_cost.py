@@ -9,6 +9,7 @@ scores against SDPA forward+backward, at OPT layer shapes with random weights.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "split"],
+                        help="MLP predictor kernels: default, or split (a thread block per 64-token pass of a tile)")
     args = parser.parse_args()
     d, heads, ffn = OPT_SHAPES[args.model]
     T = args.batch * args.seq
@@ -48,15 +51,22 @@ def main() -> None:
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, OPT-{args.model}: d={d}, ffn={ffn}, "
           f"{T} tokens, bf16")
     print(f"dense MLP fwd+bwd (cuBLAS): {mlp_ms:.3f} ms")
-    print(f"{'predictor':<28}{'rank':>6}{'ms':>9}{'% of dense layer':>18}")
-    for tile_m, block_n in ((64, 128), (128, 128)):
-        n_blocks = ffn // block_n
-        for rank in args.rank:
-            down = torch.randn(rank, d, device=dev, dtype=dt) * d**-0.5
-            up = torch.randn(n_blocks, rank, device=dev, dtype=dt) * rank**-0.5
-            bias = torch.zeros(n_blocks, device=dev, dtype=dt)
-            ms = cuda_ms(lambda: mlp_predictor_mask_op(x.detach(), down, up, bias, 0.5, tile_m))
-            print(f"{f'MLP tile {tile_m}, block {block_n}':<28}{rank:>6}{ms:>9.3f}{100 * ms / mlp_ms:>17.2f}%")
+    print(f"{'predictor':<36}{'rank':>6}{'ms':>9}{'% of dense layer':>18}")
+    for kernels in args.kernels:
+        if kernels == "default":
+            os.environ.pop("LONG_EXPOSURE_PREDICTOR_KERNEL", None)
+        else:
+            os.environ["LONG_EXPOSURE_PREDICTOR_KERNEL"] = kernels
+        for tile_m, block_n in ((64, 128), (128, 128)):
+            n_blocks = ffn // block_n
+            for rank in args.rank:
+                down = torch.randn(rank, d, device=dev, dtype=dt) * d**-0.5
+                up = torch.randn(n_blocks, rank, device=dev, dtype=dt) * rank**-0.5
+                bias = torch.zeros(n_blocks, device=dev, dtype=dt)
+                ms = cuda_ms(lambda: mlp_predictor_mask_op(x.detach(), down, up, bias, 0.5, tile_m))
+                name = f"MLP tile {tile_m}, block {block_n}" + ("" if kernels == "default" else f", {kernels}")
+                print(f"{name:<36}{rank:>6}{ms:>9.3f}{100 * ms / mlp_ms:>17.2f}%")
+    os.environ.pop("LONG_EXPOSURE_PREDICTOR_KERNEL", None)
     q, k, v = (torch.randn(args.batch, heads, args.seq, d // heads, device=dev, dtype=dt, requires_grad=True)
                for _ in range(3))
     dout = torch.randn_like(q)
@@ -72,7 +82,7 @@ def main() -> None:
             wq = torch.randn(heads, rank, d, device=dev, dtype=dt) * d**-0.5
             wk = torch.randn(heads, rank, d, device=dev, dtype=dt) * d**-0.5
             ms = cuda_ms(lambda: attention_block_scores(hidden, wq, wk, block))
-            print(f"{f'attention scores, block {block}':<28}{rank:>6}{ms:>9.3f}{100 * ms / attn_ms:>17.2f}%")
+            print(f"{f'attention scores, block {block}':<36}{rank:>6}{ms:>9.3f}{100 * ms / attn_ms:>17.2f}%")
 
 
 if __name__ == "__main__":

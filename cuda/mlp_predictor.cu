@@ -20,6 +20,7 @@
 
 #include "cuda_check.cuh"
 #include "float_kernels.cuh"
+#include "kernel_choice.cuh"
 #include "long_exposure/predictors.h"
 #include "mma_gemm.cuh"
 
@@ -160,7 +161,22 @@ size_t mma_shared_bytes(int64_t rank) {
   return pipeline > logits ? pipeline : logits;
 }
 
-template <int BN>
+// The larger of `value` and what `address` holds, atomically, for a float maximum that starts
+// from the all-ones word (memset 0xff): as an int it is below every non-negative float, as an
+// unsigned above every negative one. NaN logits are left out, as fmaxf leaves them out.
+__device__ __forceinline__ void atomic_max_float(float* address, float value) {
+  if (isnan(value)) return;
+  if (value >= 0.0f)
+    atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+  else
+    atomicMin(reinterpret_cast<unsigned*>(address), __float_as_uint(value));
+}
+
+// kSplit: one thread block per 64-token pass of a tile (blockIdx.y), folding its maxima into
+// tile_max atomically; select_kernel then cuts the lists. A 128-token tile otherwise runs its two
+// passes one after the other in one block, which leaves 64 thread blocks for 132 SMs at 8192
+// tokens. Maxima are exact in any order, so both ways give the same masks.
+template <int BN, bool kSplit>
 __global__ void __launch_bounds__(kThreads)
     mlp_predictor_mma_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ down,
                              const __nv_bfloat16* __restrict__ up, const __nv_bfloat16* __restrict__ bias,
@@ -180,8 +196,10 @@ __global__ void __launch_bounds__(kThreads)
   float* maxima = tile_max + tile * n_blocks;
   const mma::Operand<__nv_bfloat16> down_op{down, d, rank, d};
   const int n_chunks = static_cast<int>((d + mma::kBK - 1) / mma::kBK);
+  const int64_t pass_first = kSplit ? first + int64_t{blockIdx.y} * kMmaRows : first;
+  const int64_t pass_end = kSplit ? min(end, pass_first + kMmaRows) : end;
 
-  for (int64_t row0 = first; row0 < end; row0 += kMmaRows) {
+  for (int64_t row0 = pass_first; row0 < pass_end; row0 += kMmaRows) {
     const int64_t rows = min(static_cast<int64_t>(kMmaRows), end - row0);
     const mma::Operand<__nv_bfloat16> x_op{x + row0 * d, d, rows, d};
     float acc[Cfg::MI][Cfg::NI][4];
@@ -207,22 +225,53 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       logit = warp_max(logit);
-      if (lane == 0) maxima[b] = row0 == first ? logit : fmaxf(maxima[b], logit);
+      if (lane == 0) {
+        if constexpr (kSplit)
+          atomic_max_float(maxima + b, logit);
+        else
+          maxima[b] = row0 == first ? logit : fmaxf(maxima[b], logit);
+      }
       __syncwarp();
     }
     __syncthreads();  // z and up_row are overwritten by the next pass; maxima are read below
   }
-  if (warp == 0) select_blocks(maxima, n_blocks, threshold, counts + tile, indices + tile * n_blocks);
+  if (!kSplit && warp == 0) select_blocks(maxima, n_blocks, threshold, counts + tile, indices + tile * n_blocks);
+}
+
+// Phase 3 of the split kernel: a warp per tile.
+__global__ void __launch_bounds__(32)
+    select_kernel(const float* __restrict__ tile_max, int64_t n_blocks, float threshold,
+                  int32_t* __restrict__ counts, int32_t* __restrict__ indices) {
+  const int64_t tile = blockIdx.x;
+  select_blocks(tile_max + tile * n_blocks, n_blocks, threshold, counts + tile, indices + tile * n_blocks);
+}
+
+// LONG_EXPOSURE_PREDICTOR_KERNEL=split spreads tiles of more than one 64-token pass over a
+// thread block per pass.
+bool split_passes(int64_t tile_m) {
+  return tile_m > kMmaRows && kernel_variable_is("LONG_EXPOSURE_PREDICTOR_KERNEL", "split");
 }
 
 template <int BN>
 void launch_mma(const MlpPredictorArgs& a, int64_t n_tiles, int64_t rank) {
   const size_t bytes = mma_shared_bytes<BN>(rank);
-  reserve_shared_memory(mlp_predictor_mma_kernel<BN>, bytes, a.x.device_index, "mlp_predictor_mask");
-  mlp_predictor_mma_kernel<BN><<<static_cast<unsigned>(n_tiles), kThreads, bytes, stream_of(a.counts.stream)>>>(
+  const cudaStream_t stream = stream_of(a.counts.stream);
+  const bool split = split_passes(a.tile_m);
+  const auto kernel = split ? mlp_predictor_mma_kernel<BN, true> : mlp_predictor_mma_kernel<BN, false>;
+  reserve_shared_memory(kernel, bytes, a.x.device_index, "mlp_predictor_mask");
+  const int64_t n_blocks = a.up.size(0);
+  if (split)
+    check_cuda(cudaMemsetAsync(a.tile_max.data, 0xff, sizeof(float) * n_tiles * n_blocks, stream),
+               "mlp_predictor_mask tile_max reset");
+  const dim3 grid(static_cast<unsigned>(n_tiles), split ? static_cast<unsigned>((a.tile_m + kMmaRows - 1) / kMmaRows) : 1u);
+  kernel<<<grid, kThreads, bytes, stream>>>(
       a.x.ptr<const __nv_bfloat16>(), a.down.ptr<const __nv_bfloat16>(), a.up.ptr<const __nv_bfloat16>(),
-      a.bias.ptr<const __nv_bfloat16>(), a.x.size(0), a.x.size(1), rank, a.up.size(0), a.tile_m,
+      a.bias.ptr<const __nv_bfloat16>(), a.x.size(0), a.x.size(1), rank, n_blocks, a.tile_m,
       static_cast<float>(a.threshold), a.counts.ptr<int32_t>(), a.indices.ptr<int32_t>(), a.tile_max.ptr<float>());
+  if (split)
+    select_kernel<<<static_cast<unsigned>(n_tiles), 32, 0, stream>>>(
+        a.tile_max.ptr<const float>(), n_blocks, static_cast<float>(a.threshold), a.counts.ptr<int32_t>(),
+        a.indices.ptr<int32_t>());
 }
 
 bool aligned16(const TensorView& v) { return reinterpret_cast<uintptr_t>(v.data) % 16 == 0; }

@@ -8,6 +8,7 @@ import torch
 
 from long_exposure import _C, ops, reference
 from long_exposure._views import view
+from kernel_choice import kernel_choice
 from tolerance import assert_close_fp32, assert_within_twice_reference
 
 # (tokens, d_model, rank, n_blocks, tile_m): ragged token counts, more blocks than a warp has
@@ -316,10 +317,15 @@ def test_attention_wrong_shape_names_the_argument():
 
 # ---- CUDA against the CPU -----------------------------------------------------------------------
 
+# The MLP predictor as it runs by default, and with tiles of several 64-token passes spread over a
+# thread block per pass ("split").
+predictor_kernel = kernel_choice("LONG_EXPOSURE_PREDICTOR_KERNEL", alternatives=("split",))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", MLP_SHAPES + [(300, 96, 256, 70, 128), (300, 256, 100, 40, 70), (1000, 512, 64, 8, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mlp_cuda_matches_cpu(shape, dtype):
+def test_mlp_cuda_matches_cpu(shape, dtype, predictor_kernel):
     # Rank 256 needs more than the default 48 KiB of shared memory. In bf16, d_model a multiple of 8
     # and rank <= 128 take the tensor-core projection (64-token passes, here across tile edges).
     inputs = mlp_inputs(shape, dtype, seed=shape[0])
@@ -377,12 +383,31 @@ def test_attention_cuda_scores_do_not_depend_on_the_split_count():
 
 
 @pytest.mark.gpu
-def test_cuda_ops_run_on_the_current_stream_and_in_a_cuda_graph():
+@pytest.mark.parametrize("tile_m", [64, 128, 200])
+def test_cuda_mlp_split_passes_give_the_same_masks(monkeypatch, tile_m):
+    # bf16 with d_model a multiple of 8 and rank <= 128: the tensor-core kernel, whose passes the
+    # split spreads over thread blocks. Maxima are exact in any order, so the results are equal.
+    inputs = [t.cuda() for t in mlp_inputs((1000, 256, 64, 70, tile_m), torch.bfloat16, seed=3)]
+    monkeypatch.delenv("LONG_EXPOSURE_PREDICTOR_KERNEL", raising=False)
+    _, _, maxima = ops.mlp_predictor_mask_op(*inputs, 0.0, tile_m)
+    for threshold in (float(maxima.min()) - 1, float(maxima.median()), float(maxima.max()) + 1):
+        monkeypatch.delenv("LONG_EXPOSURE_PREDICTOR_KERNEL", raising=False)
+        one_block = ops.mlp_predictor_mask_op(*inputs, threshold, tile_m)
+        monkeypatch.setenv("LONG_EXPOSURE_PREDICTOR_KERNEL", "split")
+        split = ops.mlp_predictor_mask_op(*inputs, threshold, tile_m)
+        for a, b in zip(one_block, split):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_run_on_the_current_stream_and_in_a_cuda_graph(predictor_kernel):
     mlp = [t.cuda() for t in mlp_inputs((130, 40, 12, 7, 64))]
+    mlp_bf16 = [t.cuda() for t in mlp_inputs((300, 64, 16, 40, 128), torch.bfloat16)]  # the tensor-core kernel
     attention = [t.cuda() for t in attention_inputs((2, 300, 16, 2, 6, 8))]
 
     def step():
-        return (*ops.mlp_predictor_mask_op(*mlp, 0.1, 64), ops.attention_block_scores(*attention, 8))
+        return (*ops.mlp_predictor_mask_op(*mlp, 0.1, 64), *ops.mlp_predictor_mask_op(*mlp_bf16, 0.1, 128),
+                ops.attention_block_scores(*attention, 8))
 
     expected = step()
     side = torch.cuda.Stream()
