@@ -7,7 +7,8 @@ def kernel_choice(variable: str, alternatives=("mma",)):
     """A fixture that runs each CUDA test on the kernels the device gets by default (wgmma on a
     Hopper) and on each alternative that `variable` can name: the portable mma.sync kernels
     ("mma"), and for the MLP the wgmma kernels fed by cp.async instead of TMA ("cp-async") and the
-    64-token tiles on one thread block per SM with a deeper ring ("tma-deep")."""
+    64-token tiles on one thread block per SM with a deeper ring ("tma-deep"), and 128-token tiles as
+    128 x 128 products, two thread blocks per SM ("tma-128x128")."""
 
     @pytest.fixture(params=["default", *alternatives])
     def fixture(request, monkeypatch):

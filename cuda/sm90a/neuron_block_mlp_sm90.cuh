@@ -23,6 +23,10 @@ template <typename T, bool B_KMAJOR>
 using Tma128x256 = wgmma::TmaEngine<T, B_KMAJOR, kStages, 2, 2>;
 template <typename T, bool B_KMAJOR>
 using Tma64x256Pair = wgmma::TmaEngine<T, B_KMAJOR, 2, 1, 2, 2>;
+// 128 x 128 tiles read as few bytes per FLOP as 128 x 256 ones; three 32 KiB stages let two thread
+// blocks share an SM (LONG_EXPOSURE_MLP_KERNEL=tma-128x128, to measure against Tma128x256).
+template <typename T, bool B_KMAJOR>
+using Tma128x128Pair = wgmma::TmaEngine<T, B_KMAJOR, 3, 2, 1, 2>;
 template <typename T, bool B_KMAJOR>
 using CpAsync64x256 = wgmma::Engine<T, B_KMAJOR, kStages, 1, 2>;
 template <typename T, bool B_KMAJOR>
@@ -30,6 +34,7 @@ using CpAsync128x256 = wgmma::Engine<T, B_KMAJOR, kStages, 2, 2>;
 
 inline bool mlp_loads_by_cp_async() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "cp-async"); }
 inline bool mlp_deep_ring() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-deep"); }
+inline bool mlp_square_tiles() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x128"); }
 
 template <typename T>
 void forward_hopper(const MlpForwardArgs& a) {
@@ -37,7 +42,7 @@ void forward_hopper(const MlpForwardArgs& a) {
   if (mlp_loads_by_cp_async())
     tall ? forward_with<T, CpAsync128x256>(a) : forward_with<T, CpAsync64x256>(a);
   else if (tall)
-    forward_with<T, Tma128x256>(a);
+    mlp_square_tiles() ? forward_with<T, Tma128x128Pair>(a) : forward_with<T, Tma128x256>(a);
   else
     mlp_deep_ring() ? forward_with<T, Tma64x256>(a) : forward_with<T, Tma64x256Pair>(a);
 }
@@ -48,7 +53,7 @@ void backward_hopper(const MlpBackwardArgs& a) {
   if (mlp_loads_by_cp_async())
     tall ? backward_with<T, CpAsync128x256>(a) : backward_with<T, CpAsync64x256>(a);
   else if (tall)
-    backward_with<T, Tma128x256>(a);
+    mlp_square_tiles() ? backward_with<T, Tma128x128Pair>(a) : backward_with<T, Tma128x256>(a);
   else
     mlp_deep_ring() ? backward_with<T, Tma64x256>(a) : backward_with<T, Tma64x256Pair>(a);
 }
