@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="after each density's rows, our fwd+bwd's kernels by GPU time (torch.profiler)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -152,6 +154,27 @@ def main() -> None:
                 print(f"| {model} | {H} x {D} | {real_density:.2f} | {name} | {'kernel' if kernel else 'reference'} | "
                       f"{cell('ours', flops_fwd)} | {cell('cudnn', flops_causal)} | {ratio('cudnn')} | "
                       f"{cell('flex', flops_fwd)} | {ratio('flex')} |", flush=True)
+            if args.kernel_times:
+                print_kernel_times(fwd_bwd(ours_fwd), f"{model}, density {real_density:.2f}, ours fwd+bwd")
+                for t in leaves:
+                    t.grad = None
+
+
+def print_kernel_times(step, title: str, reps: int = 10) -> None:
+    """Each kernel's GPU time per call of step(), largest first, as an HTML comment under the table
+    (where a fixed cost hides: the delta pass, the layout transpose, short lists)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    lines = [f"{e.device_time_total / reps / 1000:8.3f} ms  {e.count // reps:3d} calls  {e.key[:100]}" for e in rows[:8]]
+    print(f"<!-- {title}, GPU time per call:\n" + "\n".join(lines) + "\n-->", flush=True)
 
 
 if __name__ == "__main__":
