@@ -621,13 +621,17 @@ void project_patterns_cuda(const TensorView& lut_counts, const TensorView& lut_i
   int shared_limit = 0;
   check_cuda(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, scores.device_index),
              "cudaDeviceGetAttribute");
-  cudaFuncAttributes attributes{};
-  check_cuda(cudaFuncGetAttributes(&attributes, project_atom_bits_kernel), "cudaFuncGetAttributes");
+  // The kernel's static shared memory is fixed at compile time: looked up once, not every step.
+  static const int64_t static_bytes = [] {
+    cudaFuncAttributes attributes{};
+    check_cuda(cudaFuncGetAttributes(&attributes, project_atom_bits_kernel), "cudaFuncGetAttributes");
+    return static_cast<int64_t>(attributes.sharedSizeBytes);
+  }();
   const int64_t atom_bits = AtomBitsLayout<int64_t>(atoms, n, words).bytes;
   // Staged up to grids of about 110 blocks (sequences of 7000 tokens at 64-token blocks).
   constexpr size_t kStagedLimit = 96 * 1024;
   const size_t staged = list_kernel_bytes<true>(atoms, n, words);
-  if (atom_bits + static_cast<int64_t>(attributes.sharedSizeBytes) <= shared_limit)
+  if (atom_bits + static_bytes <= shared_limit)
     launch(project_atom_bits_kernel, static_cast<size_t>(atom_bits));
   else if (staged <= kStagedLimit)
     launch(project_lists_kernel<true>, staged);
