@@ -135,7 +135,7 @@ class ProfileController(TimedController):
         return layout
 
 
-def build_model(name: str, checkpoint: str | None, attn: str):
+def build_model(name: str, checkpoint: str | None, attn: str, kv_cache: bool = True):
     import transformers
 
     if checkpoint:
@@ -147,6 +147,7 @@ def build_model(name: str, checkpoint: str | None, attn: str):
         with torch.device("cuda"):
             model = transformers.OPTForCausalLM(config).to(torch.bfloat16)
     model.config._attn_implementation = attn
+    model.config.use_cache = kv_cache  # HF's default (True) builds a KV cache even in a training step
     return model
 
 
@@ -242,6 +243,9 @@ def main() -> None:
                         "kind, the top kernels, and the host's Python time by function")
     parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
                         "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
+    parser.add_argument("--no-kv-cache", action="store_true", help="every system's model with use_cache=False. "
+                        "By default HF fills a KV cache in training steps too (a copy of k and v per layer), as a "
+                        "user who leaves the default gets; Long Exposure's layers skip it in training either way")
     args = parser.parse_args()
     if args.predictors and not args.checkpoint:
         parser.error("--predictors needs the --checkpoint it was trained for")
@@ -270,7 +274,8 @@ def main() -> None:
              f"MLP density profile mean {statistics.mean(mlp_density):.3f}, attention density {args.attn_density}")
     show(f"GPU {torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, OPT-{args.model} "
          f"({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}), {args.method}, "
-         f"batch {args.batch} per rank, bf16; {masks}")
+         f"batch {args.batch} per rank, bf16; {masks}; KV cache in training: "
+         f"{'off (use_cache=False)' if args.no_kv_cache else 'HF default'}")
     show("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | tokens/s (all ranks) "
          "| density MLP / attn | speedup vs eager | vs SDPA | vs compile |")
     show("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -294,7 +299,7 @@ def main() -> None:
         for system in systems:
             attn = "eager" if system == "eager" else "sdpa"
             resident = torch.cuda.memory_allocated()  # what earlier systems left (compiled code's caches)
-            model = build_model(args.model, args.checkpoint, attn)
+            model = build_model(args.model, args.checkpoint, attn, kv_cache=not args.no_kv_cache)
             if trained is not None:
                 permute_model(model, trained.neuron_orders)  # the neuron order the predictors were made in
             model = apply_method(model, args.method)

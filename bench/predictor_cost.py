@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "split"],
-                        help="MLP predictor kernels: default, or split (a thread block per 64-token pass of a tile)")
+    parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "single"],
+                        help="MLP predictor kernels: default (a thread block per 64-token pass of a tile), or "
+                             "single (one thread block per tile)")
     args = parser.parse_args()
     d, heads, ffn = OPT_SHAPES[args.model]
     T = args.batch * args.seq

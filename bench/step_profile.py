@@ -39,7 +39,9 @@ def kernel_breakdown(step, steps: int = 2) -> tuple[dict[str, float], str]:
         torch.cuda.synchronize()
     by_kind: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # A range such as "Optimizer.step#AdamW.step" also shows on the GPU, as the span of its
+        # kernels, idle gaps included; counting it would count those kernels twice.
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             by_kind[kind_of(event.name)] += event.device_time / 1000 / steps
     # Sixty rows reach every Long Exposure kernel of a step, not only the largest.
     table = prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=90)

@@ -471,25 +471,57 @@ __device__ __forceinline__ KeyBlockQueries key_block_queries(const BackwardParam
   return w;
 }
 
-// rowsum(dout * out) in fp32, one warp per query row.
+// rowsum(dout * out) in fp32. kLanes threads share a row, each reading 16 bytes of dout and of out,
+// and each thread block takes kRowsPerThread rows per lane group with all their loads in flight
+// before any sum: one warp per row with 4-byte loads ran at a third of the H200's bandwidth
+// (58 us at OPT-1.3B, batch 4, 2048 tokens). Rows go in the tensors' memory order, heads inner
+// when dout's heads are (the [B, S, H, D] projections' layout), so that neighbouring groups read
+// neighbouring bytes.
+template <int D>
+struct DeltaShape {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks of a row
+  static constexpr int kLanes = kChunks <= 8 ? 8 : (kChunks <= 16 ? 16 : 32);
+  static constexpr int kThreads = 256, kRowsPerThread = 4;
+  static constexpr int kRowsPerBlock = kThreads / kLanes * kRowsPerThread;
+  static_assert(D % 8 == 0 && kChunks <= 32, "head dims up to 256, in multiples of 8");
+};
+
 template <typename T, int D>
-__global__ void delta_kernel(Operand dout, Operand out, float* delta, int heads, int seq,
-                             int64_t rows) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= rows) return;
-  const int lane = threadIdx.x & 31;
-  const int i = static_cast<int>(r % seq), h = static_cast<int>((r / seq) % heads);
-  const int b = static_cast<int>(r / (static_cast<int64_t>(seq) * heads));
-  const T* x = dout.plane<T>(b, h) + i * dout.ss;
-  const T* y = out.plane<T>(b, h) + i * out.ss;
-  float sum = 0.f;
-  for (int d = lane * 2; d < D; d += 64) {
-    sum += static_cast<float>(x[d]) * static_cast<float>(y[d]) +
-           static_cast<float>(x[d + 1]) * static_cast<float>(y[d + 1]);
+__global__ void __launch_bounds__(DeltaShape<D>::kThreads)
+    delta_kernel(Operand dout, Operand out, float* delta, int heads, int seq, int64_t rows) {
+  using Shape = DeltaShape<D>;
+  const int lane = threadIdx.x % Shape::kLanes, group = threadIdx.x / Shape::kLanes;
+  constexpr int kGroups = Shape::kThreads / Shape::kLanes;
+  const bool heads_inner = dout.sh < dout.ss;
+  uint4 x[Shape::kRowsPerThread], y[Shape::kRowsPerThread];
+  int64_t row[Shape::kRowsPerThread];
+#pragma unroll
+  for (int j = 0; j < Shape::kRowsPerThread; ++j) {
+    const int64_t r = blockIdx.x * static_cast<int64_t>(Shape::kRowsPerBlock) + j * kGroups + group;
+    int b, h, i;
+    if (heads_inner) {
+      h = static_cast<int>(r % heads), i = static_cast<int>((r / heads) % seq);
+      b = static_cast<int>(r / (static_cast<int64_t>(seq) * heads));
+    } else {
+      i = static_cast<int>(r % seq), h = static_cast<int>((r / seq) % heads);
+      b = static_cast<int>(r / (static_cast<int64_t>(seq) * heads));
+    }
+    const bool live = r < rows && lane < Shape::kChunks;
+    row[j] = r < rows ? (static_cast<int64_t>(b) * heads + h) * seq + i : -1;
+    x[j] = live ? reinterpret_cast<const uint4*>(dout.plane<T>(b, h) + i * dout.ss)[lane] : uint4{0, 0, 0, 0};
+    y[j] = live ? reinterpret_cast<const uint4*>(out.plane<T>(b, h) + i * out.ss)[lane] : uint4{0, 0, 0, 0};
   }
 #pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) delta[r] = sum;
+  for (int j = 0; j < Shape::kRowsPerThread; ++j) {
+    const T* xs = reinterpret_cast<const T*>(&x[j]);
+    const T* ys = reinterpret_cast<const T*>(&y[j]);
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += static_cast<float>(xs[e]) * static_cast<float>(ys[e]);
+#pragma unroll
+    for (int o = Shape::kLanes / 2; o >= 1; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0 && row[j] >= 0) delta[row[j]] = sum;
+  }
 }
 
 // The logsumexp as the backward kernels use it: log2 units, and +inf for rows that attend
@@ -775,7 +807,9 @@ void launch_delta(const AttentionBackwardArgs& a, const BackwardParams& p, cudaS
   auto operand = [](const TensorView& t) { return Operand{t.data, t.stride(0), t.stride(1), t.stride(2)}; };
   const int64_t rows = a.q.size(0) * static_cast<int64_t>(p.heads) * p.seq;
   if (rows > 0) {
-    delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+    using Shape = DeltaShape<D>;
+    delta_kernel<T, D><<<static_cast<unsigned>((rows + Shape::kRowsPerBlock - 1) / Shape::kRowsPerBlock),
+                         Shape::kThreads, 0, stream>>>(
         p.dout, operand(a.out), a.ws_delta.ptr<float>(), p.heads, p.seq, rows);
     check_cuda(cudaGetLastError(), "attention backward delta kernel launch");
   }

@@ -246,10 +246,12 @@ __global__ void __launch_bounds__(32)
   select_blocks(tile_max + tile * n_blocks, n_blocks, threshold, counts + tile, indices + tile * n_blocks);
 }
 
-// LONG_EXPOSURE_PREDICTOR_KERNEL=split spreads tiles of more than one 64-token pass over a
-// thread block per pass.
+// Tiles of more than one 64-token pass spread their passes over a thread block each: at 128-token
+// tiles one block per tile leaves half the H200's SMs idle for 1024 tiles, and the split kernel
+// costs 2.1-3.1% of OPT-1.3B's dense layer against 3.6-5.7% (bench/RESULTS.md, session 16).
+// LONG_EXPOSURE_PREDICTOR_KERNEL=single keeps one block per tile, to compare against.
 bool split_passes(int64_t tile_m) {
-  return tile_m > kMmaRows && kernel_variable_is("LONG_EXPOSURE_PREDICTOR_KERNEL", "split");
+  return tile_m > kMmaRows && !kernel_variable_is("LONG_EXPOSURE_PREDICTOR_KERNEL", "single");
 }
 
 template <int BN>

@@ -157,6 +157,22 @@ def test_disabled_adapters_give_the_base_models_output():
     assert (on - base).abs().max() > 1e-3  # the adapters, random in both factors, do act once enabled
 
 
+def test_training_forwards_leave_the_kv_cache_empty_and_generation_still_fills_it():
+    plain = with_method(tiny_opt(), "lora_qv")
+    ours = copy.deepcopy(plain)
+    convert(ours, CONFIG, mode="full")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(8))
+    cache = ours(input_ids=ids, labels=ids, use_cache=True).past_key_values
+    assert cache is None or cache.get_seq_length() == 0, "a training step filled the KV cache"
+    plain.eval()
+    ours.eval()
+    with torch.no_grad():
+        cache = ours(input_ids=ids, use_cache=True).past_key_values
+        assert cache.get_seq_length() == 16
+        expected = plain.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        torch.testing.assert_close(ours.generate(input_ids=ids, max_new_tokens=6, do_sample=False), expected)
+
+
 @pytest.mark.parametrize("kind", ["lora_bias", "dora"])
 def test_lora_kinds_the_layers_cannot_run_are_refused(kind):
     options = {"lora_bias": True} if kind == "lora_bias" else {"use_dora": True}

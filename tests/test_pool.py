@@ -192,11 +192,12 @@ def test_default_atoms_cover_the_grid():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 16, 33, 128])
-def test_cuda_combination_equals_cpu(n):
+@pytest.mark.parametrize("share", [0.1, 0.6])
+@pytest.mark.parametrize("n", [1, 16, 33, 128, 300])
+def test_cuda_combination_equals_cpu(n, share):
     pool = PatternPool(n)
     g = torch.Generator().manual_seed(n)
-    chosen = torch.rand(4, 32, len(pool.atoms), generator=g) < 0.1
+    chosen = torch.rand(4, 32, len(pool.atoms), generator=g) < share
     selection = pool.selection(chosen)
     cpu_layout, cpu_q = pool.combine(selection, 64)
     gpu_layout, gpu_q = pool.to("cuda").combine(selection.cuda(), 64)

@@ -317,9 +317,9 @@ def test_attention_wrong_shape_names_the_argument():
 
 # ---- CUDA against the CPU -----------------------------------------------------------------------
 
-# The MLP predictor as it runs by default, and with tiles of several 64-token passes spread over a
-# thread block per pass ("split").
-predictor_kernel = kernel_choice("LONG_EXPOSURE_PREDICTOR_KERNEL", alternatives=("split",))
+# The MLP predictor as it runs by default (tiles of several 64-token passes spread over a thread
+# block per pass), and with one thread block per tile ("single").
+predictor_kernel = kernel_choice("LONG_EXPOSURE_PREDICTOR_KERNEL", alternatives=("single",))
 
 
 @pytest.mark.gpu
@@ -391,9 +391,9 @@ def test_cuda_mlp_split_passes_give_the_same_masks(monkeypatch, tile_m):
     monkeypatch.delenv("LONG_EXPOSURE_PREDICTOR_KERNEL", raising=False)
     _, _, maxima = ops.mlp_predictor_mask_op(*inputs, 0.0, tile_m)
     for threshold in (float(maxima.min()) - 1, float(maxima.median()), float(maxima.max()) + 1):
-        monkeypatch.delenv("LONG_EXPOSURE_PREDICTOR_KERNEL", raising=False)
+        monkeypatch.setenv("LONG_EXPOSURE_PREDICTOR_KERNEL", "single")
         one_block = ops.mlp_predictor_mask_op(*inputs, threshold, tile_m)
-        monkeypatch.setenv("LONG_EXPOSURE_PREDICTOR_KERNEL", "split")
+        monkeypatch.delenv("LONG_EXPOSURE_PREDICTOR_KERNEL", raising=False)
         split = ops.mlp_predictor_mask_op(*inputs, threshold, tile_m)
         for a, b in zip(one_block, split):
             assert torch.equal(a, b)

@@ -25,6 +25,7 @@ from ..config import LongExposureConfig
 from ..exposer import decoder_layers
 from ..formats import BlockLayout, MlpMask
 from ..ops import block_sparse_attention, neuron_block_mlp
+from ..ops.projections import fused_projections
 
 MODES = ("sparse", "full", "off")
 
@@ -132,7 +133,7 @@ def _linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
     if lora is None:
         return y
     a, b, scale, dropout = lora
-    return y + nn.functional.linear(nn.functional.linear(dropout(x), a.to(x.dtype)), b.to(x.dtype)) * scale
+    return y + nn.functional.linear(nn.functional.linear(dropout(x), a.to(x.dtype)) * scale, b.to(x.dtype))
 
 
 def _sparse_mlp(layer, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
@@ -143,7 +144,7 @@ def _sparse_mlp(layer, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
     lora1_u = lora1_b = lora2_a = None
     if lora1 is not None:
         a1, b1_factor, scale1, dropout1 = lora1
-        lora1_u = (scale1 * dropout1(x) @ a1.t().to(dtype))
+        lora1_u = (dropout1(x) @ a1.t().to(dtype)) * scale1  # the scale on the thin side
         lora1_b = b1_factor.to(dtype)
     if lora2 is not None:
         a2, _, _, dropout2 = lora2
@@ -154,8 +155,24 @@ def _sparse_mlp(layer, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
                                   None if b2 is None else b2.to(dtype), mask, lora1_u, lora1_b, lora2_a)
     if lora2 is not None:
         _, b2_factor, scale2, _ = lora2
-        y = y + scale2 * lora2_v @ b2_factor.t().to(dtype)
+        y = torch.addmm(y, lora2_v * scale2, b2_factor.t().to(dtype))  # the add in the GEMM
     return y
+
+
+def _projections(modules, names, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each module (a Linear or a peft LoRA Linear) applied to x, through fused_projections when it
+    can take them: frozen weights, and no LoRA dropout in play (that keeps peft's own dropped input)."""
+    parts = [_lora_parts(m, n) for m, n in zip(modules, names)]
+    dropping = any(lora is not None and not isinstance(lora[3], nn.Identity) and lora[3].p > 0 and lora[3].training
+                   for _, _, lora in parts)
+    plain = all(isinstance(getattr(m, "base_layer", m), nn.Linear) for m in modules)
+    if dropping or not plain or any(w.requires_grad for w, _, _ in parts):
+        return tuple(_linear(m, x, n) for m, n in zip(modules, names))
+    dtype = x.dtype
+    return fused_projections(x, [
+        (w.to(dtype), None if b is None else b.to(dtype),
+         None if lora is None else (lora[0].to(dtype), lora[1].to(dtype), lora[2]))
+        for w, b, lora in parts])
 
 
 def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> torch.Tensor:
@@ -167,10 +184,9 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
 
     # OPT scales q after its projection; the kernels scale the scores in fp32 instead, which
     # saves a pass over q forward and backward.
-    q = heads(_linear(attn.q_proj, hidden, "q_proj"))
-    k, v = heads(_linear(attn.k_proj, hidden, "k_proj")), heads(_linear(attn.v_proj, hidden, "v_proj"))
+    q, k, v = map(heads, _projections((attn.q_proj, attn.k_proj, attn.v_proj), ("q_proj", "k_proj", "v_proj"), hidden))
     prefix_k = prefix_v = None
-    if cache is not None:
+    if cache is not None and not _skips_cache(attn, cache):
         # What the cache held before this step (prefix tuning's virtual keys) comes first.
         full_k, full_v = cache.update(k, v, attn.layer_idx)
         past = full_k.shape[2] - S
@@ -182,7 +198,16 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
         k, v = full_k[:, :, past:], full_v[:, :, past:]
     layout = state.controller.attention_layout(state.index, hidden, H)
     out = block_sparse_attention(q, k, v, layout, scale=attn.scaling, prefix_k=prefix_k, prefix_v=prefix_v)
-    return _linear(attn.out_proj, out.transpose(1, 2).reshape(B, S, H * D), "out_proj")
+    return _projections((attn.out_proj,), ("out_proj",), out.transpose(1, 2).reshape(B, S, H * D))[0]
+
+
+def _skips_cache(attn, cache) -> bool:
+    """True for a training step's forward on an empty cache: HF builds a KV cache in training unless
+    told `use_cache=False`, and no training step reads it back. Filling it costs a copy of k and v
+    per layer, and a transposing copy of each one's gradient back to the projection's layout (7 ms
+    of a 2048-token OPT-1.3B step on the H200, bench/RESULTS.md). A cache that already holds keys
+    (prefix tuning's) is kept and extended as before, and so is any forward without gradients."""
+    return attn.training and torch.is_grad_enabled() and cache.get_seq_length(attn.layer_idx) == 0
 
 
 def _layer_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
