@@ -116,3 +116,21 @@ def test_weights_that_train_are_refused():
     w = torch.randn(8, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen weights"):
         fused_projections(torch.randn(3, 4), [(w, None, None)])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_input_is_kept_for_the_backward_only_where_a_lora_factor_needs_it(lora):
+    projections = make_projections([(24, 4 if lora else 0, True, True), (40, 0, True, False)], 32, torch.float32,
+                                   "cpu", seed=1)
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = fused_projections(x, projections)
+    assert (x.data_ptr() in kept) == lora
+    sum(y.sum() for y in outputs).backward()
+    assert x.grad is not None and projections[0][1].grad is not None

@@ -158,12 +158,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, counts, indices)
     ctx.block, ctx.scale = block, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
 def _backward_with(backward, ctx, dout):
     """The gradients of attention_forward's inputs, with `backward` the op (traced) or its implementation (eager)."""
     q, k, v, prefix_k, prefix_v, out, lse, counts, indices = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv, dpk, dpv = backward(
         dout, q, k, v, prefix_k, prefix_v, out, lse, counts, indices, ctx.block, ctx.scale, bool(needs[3] or needs[4])
     )

@@ -26,7 +26,8 @@ class _Projections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, n, *parts):
-        outputs, saved = [], [x]
+        needs = ctx.needs_input_grad
+        outputs, saved = [], []
         for i in range(n):
             w, b, a, bt, s = parts[5 * i:5 * i + 5]
             y = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
@@ -35,11 +36,14 @@ class _Projections(torch.autograd.Function):
                 u = (x @ a.t()).mul_(s)  # [N, r]: the scale on the thin side
                 y.addmm_(u, bt.t())
             outputs.append(y)
-            saved += [w, a, bt, u]
+            # Only what the backward reads: u for B's gradient; x (below) for A's. Frozen
+            # projections without LoRA keep nothing of x, as autograd's own linear does not.
+            saved += [w, a, bt, u if needs[2 + 5 * i + 3] else None]
+        keeps_x = any(parts[5 * i + 2] is not None and needs[2 + 5 * i + 2] for i in range(n))
         ctx.n = n
         ctx.scales = [parts[5 * i + 4] for i in range(n)]
         ctx.has_bias = [parts[5 * i + 1] is not None for i in range(n)]
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(x if keeps_x else None, *saved)
         return tuple(outputs)
 
     @staticmethod
