@@ -44,6 +44,8 @@ from long_exposure.permutation import permute_model
 from long_exposure.pipeline import apply_method
 from long_exposure.predictors import PredictorSet, model_fingerprint
 
+PREFIX_TOKENS = 8  # prefix tuning's virtual tokens
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from masks import random_layout  # noqa: E402  (the tests' layouts, so both exercise the same thing)
 from step_profile import write_profile  # noqa: E402
@@ -247,6 +249,17 @@ def main() -> None:
                         "By default HF fills a KV cache in training steps too (a copy of k and v per layer), as a "
                         "user who leaves the default gets; Long Exposure's layers skip it in training either way")
     args = parser.parse_args()
+    if args.method == "prefix":
+        positions = 2048
+        if args.checkpoint:
+            import transformers
+
+            positions = transformers.AutoConfig.from_pretrained(args.checkpoint).max_position_embeddings
+        if max(args.seq) + PREFIX_TOKENS > positions:
+            # Past them the baseline's own position embedding fails with a device-side assert,
+            # which leaves the process's CUDA context unusable for every later system.
+            parser.error(f"prefix tuning adds {PREFIX_TOKENS} virtual tokens, so OPT's {positions} positions take "
+                         f"sequences of up to {positions - PREFIX_TOKENS} tokens; got --seq {max(args.seq)}")
     if args.predictors and not args.checkpoint:
         parser.error("--predictors needs the --checkpoint it was trained for")
     trained = None
@@ -302,7 +315,7 @@ def main() -> None:
             model = build_model(args.model, args.checkpoint, attn, kv_cache=not args.no_kv_cache)
             if trained is not None:
                 permute_model(model, trained.neuron_orders)  # the neuron order the predictors were made in
-            model = apply_method(model, args.method)
+            model = apply_method(model, args.method, virtual_tokens=PREFIX_TOKENS)
             controller = None
             if system.startswith("long_exposure") and trained is not None:
                 predictors = copy.deepcopy(trained).to(DEVICE, torch.bfloat16)
