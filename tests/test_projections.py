@@ -134,3 +134,16 @@ def test_the_input_is_kept_for_the_backward_only_where_a_lora_factor_needs_it(lo
     assert (x.data_ptr() in kept) == lora
     sum(y.sum() for y in outputs).backward()
     assert x.grad is not None and projections[0][1].grad is not None
+
+
+def test_fused_projections_trace_under_torch_compile():
+    projections = make_projections(SPECS["q,k,v with LoRA on q and v"], 32, torch.float32, "cpu", seed=5)
+    x = torch.randn(2, 19, 32, requires_grad=True)
+    grads = [torch.randn(2, 19, 48) for _ in range(3)]
+    expected, expected_grads = run(fused_projections, x, projections, grads)
+    traced = torch.compile(fused_projections, backend="aot_eager", fullgraph=True)
+    outputs, out_grads = run(traced, x, projections, grads)
+    for i, (y, e) in enumerate(zip(outputs, expected)):
+        assert_close_fp32(y, e, f"traced output {i}")
+    for i, (g, e) in enumerate(zip(out_grads, expected_grads)):
+        assert_close_fp32(g, e, f"traced gradient {i}")
