@@ -245,6 +245,8 @@ def main() -> None:
                         "kind, the top kernels, and the host's Python time by function")
     parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
                         "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
+    parser.add_argument("--overlap-predictor", action="store_true", help="run Long Exposure's attention "
+                        "predictor on a second stream beside the q, k, v projections")
     parser.add_argument("--no-kv-cache", action="store_true", help="every system's model with use_cache=False. "
                         "By default HF fills a KV cache in training steps too (a copy of k and v per layer), as a "
                         "user who leaves the default gets; Long Exposure's layers skip it in training either way")
@@ -332,6 +334,8 @@ def main() -> None:
                 # convert made its own Controller; the layers read the one in their state.
                 for layer in decoder_layers(model):
                     layer._long_exposure.controller = controller
+            if controller is not None:
+                controller.overlap_attention_predictor = args.overlap_predictor
             runner = torch.compile(model) if system == "compile" else model
             if world > 1:
                 runner = torch.nn.parallel.DistributedDataParallel(

@@ -125,3 +125,27 @@ def test_finetune_captures_by_default_on_the_gpu_and_matches_eager_finetuning():
     assert runs[None].mlp_density.keys() == runs[False].mlp_density.keys()
     for layer, density in runs[False].mlp_density.items():
         assert runs[None].mlp_density[layer] == pytest.approx(density, abs=0.05)
+
+
+@pytest.mark.gpu
+def test_the_attention_predictor_on_a_side_stream_gives_the_same_steps():
+    """Eager steps, then captured ones, with the attention predictor on its own stream beside the
+    q, k, v projections: the same losses and layouts as on one stream."""
+    batches = token_batches(3)
+    runs = {}
+    for overlap in (False, True):
+        model, controller = sparse_kernel_sized_opt()
+        controller.overlap_attention_predictor = overlap
+        optimizer = torch.optim.AdamW(trainable(model), lr=1e-3, capturable=True)
+        losses = []
+        for batch in batches:
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        step = CapturedStep(model, optimizer)
+        losses += [step(batch).item() for batch in batches]
+        runs[overlap] = losses, {key: d.item() for key, d in controller.densities.items()}
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-2, atol=0)
+    assert runs[True][1] == pytest.approx(runs[False][1], abs=1e-6)

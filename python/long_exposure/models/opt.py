@@ -41,6 +41,9 @@ class Controller:
     config: LongExposureConfig
     predictors: object | None = None  # a PredictorSet, needed for "sparse"
     mode: str = "sparse"
+    # On a GPU, run each layer's attention predictor on a second stream, beside the q, k and v
+    # projections that read the same input (opt-in: not yet measured on a GPU).
+    overlap_attention_predictor: bool = False
     # (layer, "mlp" | "attention") -> the mask or layout of the last step, with its block count
     _used: dict = field(default_factory=dict)
     _pools: dict = field(default_factory=dict)
@@ -182,6 +185,17 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
     def heads(t):
         return t.view(B, S, H, D).transpose(1, 2)
 
+    controller = state.controller
+    side = _predictor_stream(hidden.device) if controller.overlap_attention_predictor and hidden.is_cuda else None
+    if side is not None:
+        # The predictor reads only `hidden`, as the projections do, and the layout is first read by
+        # the attention kernel: the two can run side by side. No record_stream: `hidden` lives until
+        # the join below, the layout's memory (the side stream's) is reused by the side stream
+        # only after a later fork, which orders it after every use enqueued here.
+        main = torch.cuda.current_stream(hidden.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            layout = controller.attention_layout(state.index, hidden, H)
     # OPT scales q after its projection; the kernels scale the scores in fp32 instead, which
     # saves a pass over q forward and backward.
     q, k, v = map(heads, _projections((attn.q_proj, attn.k_proj, attn.v_proj), ("q_proj", "k_proj", "v_proj"), hidden))
@@ -196,9 +210,23 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
         # and v per layer, not the projections and the cache's copies both (0.75 GiB at OPT-1.3B,
         # batch 4, 2048 tokens).
         k, v = full_k[:, :, past:], full_v[:, :, past:]
-    layout = state.controller.attention_layout(state.index, hidden, H)
+    if side is None:
+        layout = controller.attention_layout(state.index, hidden, H)
+    else:
+        main.wait_stream(side)
     out = block_sparse_attention(q, k, v, layout, scale=attn.scaling, prefix_k=prefix_k, prefix_v=prefix_v)
     return _projections((attn.out_proj,), ("out_proj",), out.transpose(1, 2).reshape(B, S, H * D))[0]
+
+
+_PREDICTOR_STREAMS: dict = {}
+
+
+def _predictor_stream(device: torch.device):
+    """One side stream per device for the attention predictor, made on first use."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PREDICTOR_STREAMS:
+        _PREDICTOR_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _PREDICTOR_STREAMS[index]
 
 
 def _skips_cache(attn, cache) -> bool:
