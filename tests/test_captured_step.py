@@ -32,6 +32,18 @@ def token_batches(n: int, shape=(2, 256)):
     return [torch.randint(0, 512, shape, device="cuda", generator=g) for _ in range(n)]
 
 
+def eager_steps(model, optimizer, batches) -> list[float]:
+    """The losses of one eager training step per batch."""
+    losses = []
+    for batch in batches:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_without_cuda_capturing_is_refused():
     model = with_method(tiny_opt(), "lora_qv")
@@ -62,14 +74,7 @@ def test_captured_steps_train_as_eager_steps_do():
     model, controller = sparse_kernel_sized_opt()
     for a, b in zip(trainable(eager_model), trainable(model)):
         assert torch.equal(a, b)
-    eager_opt = torch.optim.AdamW(trainable(eager_model), lr=1e-3, capturable=True)
-    eager = []
-    for batch in batches:
-        loss = eager_model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        eager_opt.step()
-        eager_opt.zero_grad(set_to_none=True)
-        eager.append(loss.item())
+    eager = eager_steps(eager_model, torch.optim.AdamW(trainable(eager_model), lr=1e-3, capturable=True), batches)
 
     step = CapturedStep(model, torch.optim.AdamW(trainable(model), lr=1e-3, capturable=True))
     captured = [step(batch).item() for batch in batches]
@@ -137,13 +142,7 @@ def test_the_attention_predictor_on_a_side_stream_gives_the_same_steps():
         model, controller = sparse_kernel_sized_opt()
         controller.overlap_attention_predictor = overlap
         optimizer = torch.optim.AdamW(trainable(model), lr=1e-3, capturable=True)
-        losses = []
-        for batch in batches:
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+        losses = eager_steps(model, optimizer, batches)
         step = CapturedStep(model, optimizer)
         losses += [step(batch).item() for batch in batches]
         runs[overlap] = losses, {key: d.item() for key, d in controller.densities.items()}
