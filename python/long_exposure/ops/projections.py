@@ -40,7 +40,6 @@ class _Projections(torch.autograd.Function):
             # projections without LoRA keep nothing of x, as autograd's own linear does not.
             saved += [w, a, bt, u if needs[2 + 5 * i + 3] else None]
         keeps_x = any(parts[5 * i + 2] is not None and needs[2 + 5 * i + 2] for i in range(n))
-        ctx.n = n
         ctx.scales = [parts[5 * i + 4] for i in range(n)]
         ctx.has_bias = [parts[5 * i + 1] is not None for i in range(n)]
         ctx.save_for_backward(x if keeps_x else None, *saved)
@@ -64,7 +63,7 @@ class _Projections(torch.autograd.Function):
                 dx = g @ w if dx is None else dx.addmm_(g, w)
             if ctx.has_bias[i] and needs[base + 1]:
                 db = g.sum(0)
-            if a is not None:
+            if a is not None and (needs[0] or needs[base + 2] or needs[base + 3]):
                 gu = g @ bt  # [N, r], the gradient of the unscaled x @ a.t() is s * gu
                 if needs[base + 3]:
                     dbt = g.t() @ u
