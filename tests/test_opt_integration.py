@@ -173,6 +173,24 @@ def test_training_forwards_leave_the_kv_cache_empty_and_generation_still_fills_i
         torch.testing.assert_close(ours.generate(input_ids=ids, max_new_tokens=6, do_sample=False), expected)
 
 
+def test_lora_dropout_runs_peft_modules_on_attention_and_is_refused_on_fc2():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3,
+                             init_lora_weights=False)
+    plain = peft.get_peft_model(tiny_opt(), config)
+    ours = copy.deepcopy(plain)
+    convert(ours, CONFIG, mode="full")
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(10))
+    losses = []
+    for model in (plain, ours):
+        torch.manual_seed(11)  # the same dropout masks, drawn in the same order (q, then v)
+        losses.append(model(input_ids=ids, labels=ids).loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    fc2 = peft.get_peft_model(tiny_opt(), peft.LoraConfig(r=4, target_modules=["fc2"], lora_dropout=0.3))
+    convert(fc2, CONFIG, mode="full")
+    with pytest.raises(ValueError, match="LoRA dropout on fc2"):
+        fc2(input_ids=ids, labels=ids)
+
+
 @pytest.mark.parametrize("kind", ["lora_bias", "dora"])
 def test_lora_kinds_the_layers_cannot_run_are_refused(kind):
     options = {"lora_bias": True} if kind == "lora_bias" else {"use_dora": True}

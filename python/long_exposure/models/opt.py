@@ -125,6 +125,11 @@ def _lora_parts(module: nn.Module, name: str):
                                     module.scaling[adapter], module.lora_dropout[adapter])
 
 
+def _drops(dropout: nn.Module) -> bool:
+    """Whether a LoRA dropout module changes its input in this call (peft's is Identity at p = 0)."""
+    return not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0 and dropout.training
+
+
 def _linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
     """module(x) for a Linear or a peft LoRA Linear, with the LoRA product in x's dtype, as the
     MLP's. peft runs it in the adapter's dtype, fp32 under a bf16 model: a copy of x to fp32 and
@@ -151,7 +156,7 @@ def _sparse_mlp(layer, x: torch.Tensor, state: _LayerState) -> torch.Tensor:
         lora1_b = b1_factor.to(dtype)
     if lora2 is not None:
         a2, _, _, dropout2 = lora2
-        if not isinstance(dropout2, nn.Identity) and getattr(dropout2, "p", 0.0) > 0 and layer.training:
+        if _drops(dropout2):
             raise ValueError("LoRA dropout on fc2 is not supported: the hidden activation never leaves the operator")
         lora2_a = a2.to(dtype)
     y, lora2_v = neuron_block_mlp(x, w1.to(dtype), None if b1 is None else b1.to(dtype), w2.to(dtype),
@@ -166,8 +171,7 @@ def _projections(modules, names, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each module (a Linear or a peft LoRA Linear) applied to x, through fused_projections when it
     can take them: frozen weights, and no LoRA dropout in play (that keeps peft's own dropped input)."""
     parts = [_lora_parts(m, n) for m, n in zip(modules, names)]
-    dropping = any(lora is not None and not isinstance(lora[3], nn.Identity) and lora[3].p > 0 and lora[3].training
-                   for _, _, lora in parts)
+    dropping = any(lora is not None and _drops(lora[3]) for _, _, lora in parts)
     plain = all(isinstance(getattr(m, "base_layer", m), nn.Linear) for m in modules)
     if dropping or not plain or any(w.requires_grad for w, _, _ in parts):
         return tuple(_linear(m, x, n) for m, n in zip(modules, names))
