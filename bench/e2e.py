@@ -245,8 +245,11 @@ def main() -> None:
                         "kind, the top kernels, and the host's Python time by function")
     parser.add_argument("--graph", action="store_true", help="also time SDPA and Long Exposure with the whole "
                         "step captured in a CUDA graph (sdpa+graph, long_exposure+graph)")
-    parser.add_argument("--overlap-predictor", action="store_true", help="run Long Exposure's attention "
-                        "predictor on a second stream beside the q, k, v projections")
+    parser.add_argument("--overlap-predictor", choices=("auto", "on", "off"), default="auto",
+                        help="run Long Exposure's attention predictor on a second stream beside the q, k, v "
+                        "projections: auto (the default) does in captured steps only")
+    parser.add_argument("--hf-loss", action="store_true", help="Long Exposure keeps HF's loss (fp32 copy of the "
+                        "logits) instead of its own cross-entropy: the ablation of LongExposureConfig.fused_loss")
     parser.add_argument("--no-kv-cache", action="store_true", help="every system's model with use_cache=False. "
                         "By default HF fills a KV cache in training steps too (a copy of k and v per layer), as a "
                         "user who leaves the default gets; Long Exposure's layers skip it in training either way")
@@ -290,7 +293,8 @@ def main() -> None:
     show(f"GPU {torch.cuda.get_device_name()} x {world}, torch {torch.__version__}, OPT-{args.model} "
          f"({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}), {args.method}, "
          f"batch {args.batch} per rank, bf16; {masks}; KV cache in training: "
-         f"{'off (use_cache=False)' if args.no_kv_cache else 'HF default'}")
+         f"{'off (use_cache=False)' if args.no_kv_cache else 'HF default'}; Long Exposure's loss: "
+         f"{'HF' if args.hf_loss else 'its own cross-entropy'}")
     show("| seq | system | step ms | fwd / bwd / opt ms | predictor ms | peak GiB | tokens/s (all ranks) "
          "| density MLP / attn | speedup vs eager | vs SDPA | vs compile |")
     show("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -321,12 +325,13 @@ def main() -> None:
             controller = None
             if system.startswith("long_exposure") and trained is not None:
                 predictors = copy.deepcopy(trained).to(DEVICE, torch.bfloat16)
+                predictors.config.fused_loss = not args.hf_loss
                 controller = TimedController(predictors.config, predictors, "sparse")
                 convert(model, predictors.config, predictors=predictors, mode="sparse")
                 for layer in decoder_layers(model):
                     layer._long_exposure.controller = controller
             elif system.startswith("long_exposure"):
-                config = LongExposureConfig(tile_m=args.tile_m, block_n=128, attn_block=64)
+                config = LongExposureConfig(tile_m=args.tile_m, block_n=128, attn_block=64, fused_loss=not args.hf_loss)
                 predictors = PredictorSet(config, model_fingerprint(model)).to(DEVICE, torch.bfloat16)
                 controller = ProfileController(config, predictors, "sparse", mlp_density=mlp_density,
                                                attn_density=args.attn_density)
@@ -335,7 +340,7 @@ def main() -> None:
                 for layer in decoder_layers(model):
                     layer._long_exposure.controller = controller
             if controller is not None:
-                controller.overlap_attention_predictor = args.overlap_predictor
+                controller.overlap_attention_predictor = {"auto": None, "on": True, "off": False}[args.overlap_predictor]
             runner = torch.compile(model) if system == "compile" else model
             if world > 1:
                 runner = torch.nn.parallel.DistributedDataParallel(

@@ -16,6 +16,8 @@ import torch
 KINDS = [
     ("sparse MLP (Long Exposure)", re.compile(r"neuron_block")),
     ("sparse attention (Long Exposure)", re.compile(r"attention_cuda|transpose_block")),
+    # Long Exposure's loss kernels count with the loss they replace, not with its predictors.
+    ("elementwise, norms, loss, optimizer", re.compile(r"cross_entropy")),
     ("predictors and layouts (Long Exposure)", re.compile(r"long_exposure")),
     ("attention (PyTorch: SDPA, cuDNN, flash)", re.compile(r"flash|fmha|cudnn|sdpa|attention", re.I)),
     ("GEMM (cuBLAS)", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|splitk", re.I)),

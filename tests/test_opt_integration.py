@@ -133,6 +133,24 @@ def test_restore_gives_back_the_plain_model():
         torch.testing.assert_close(model(input_ids=ids).logits, before)
 
 
+def test_a_converted_model_computes_its_loss_without_hfs_fp32_logits_and_restore_gives_hfs_back():
+    from long_exposure.models.opt import _FusedCausalLMLoss
+
+    model = with_method(tiny_opt(), "lora_qv")
+    lm = model.base_model.model
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    hf_loss = lm.loss_function
+    expected, _ = loss_and_grads(model, ids)
+    convert(model, CONFIG)
+    assert isinstance(lm.loss_function, _FusedCausalLMLoss) and lm.loss_function.fallback is hf_loss
+    loss, _ = loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    restore(model)
+    assert lm.loss_function is hf_loss and "_loss_function" not in lm.__dict__
+    convert(model, LongExposureConfig(tile_m=8, block_n=16, attn_block=8, fused_loss=False))
+    assert lm.loss_function is hf_loss
+
+
 def test_a_lora_adapter_saved_from_a_converted_model_loads_into_a_plain_one(tmp_path):
     model = with_method(tiny_opt(), "lora_all")
     convert(model, CONFIG, mode="full")

@@ -8,6 +8,7 @@
 
 #include "long_exposure/attention.h"
 #include "long_exposure/build_info.h"
+#include "long_exposure/cross_entropy.h"
 #include "long_exposure/masks.h"
 #include "long_exposure/mlp.h"
 #include "long_exposure/pattern_pool.h"
@@ -194,4 +195,27 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("transpose_block_lists", &transpose_block_lists, py::arg("counts"), py::arg("indices"),
         py::arg("out_counts"), py::arg("out_indices"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "cross_entropy_forward",
+      [](const TensorView& logits, const TensorView& labels, int64_t ignore_index, const TensorView& lse,
+         const TensorView& loss) {
+        CrossEntropyForwardArgs a;
+        a.logits = logits; a.labels = labels; a.ignore_index = ignore_index; a.lse = lse; a.loss = loss;
+        cross_entropy_forward(a);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("lse"), py::arg("loss"),
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "cross_entropy_backward",
+      [](const TensorView& logits, const TensorView& labels, const TensorView& lse, const TensorView& grad_loss,
+         int64_t ignore_index, const TensorView& grad_logits) {
+        CrossEntropyBackwardArgs a;
+        a.logits = logits; a.labels = labels; a.lse = lse; a.grad_loss = grad_loss;
+        a.ignore_index = ignore_index; a.grad_logits = grad_logits;
+        cross_entropy_backward(a);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("grad_loss"), py::arg("ignore_index"),
+      py::arg("grad_logits"), py::call_guard<py::gil_scoped_release>());
 }

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "long_exposure/attention.h"
+#include "long_exposure/cross_entropy.h"
 #include "long_exposure/masks.h"
 #include "long_exposure/mlp.h"
 #include "long_exposure/pattern_pool.h"
@@ -41,6 +42,10 @@ void mlp_backward_cuda(const MlpBackwardArgs&) { no_cuda(); }
 void mlp_predictor_mask_cuda(const MlpPredictorArgs&) { no_cuda(); }
 
 void attention_block_scores_cuda(const AttentionBlockScoresArgs&) { no_cuda(); }
+
+void cross_entropy_forward_cuda(const CrossEntropyForwardArgs&) { no_cuda(); }
+
+void cross_entropy_backward_cuda(const CrossEntropyBackwardArgs&) { no_cuda(); }
 
 bool attention_cuda_supports(DType, int64_t, int64_t) { return false; }
 

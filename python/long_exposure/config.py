@@ -26,6 +26,8 @@ class LongExposureConfig:
     target_recall: float = 0.99  # predicted MLP masks keep this share of the exposer mask's mass
     drift_every: int = 100  # steps between drift checks (0: never)
     drift_action: str = "retrain"  # a layer below target: "retrain" its predictor or run it "dense"
+    # the causal-LM loss without HF's fp32 copy of the logits (ops/cross_entropy.py); False keeps HF's
+    fused_loss: bool = True
 
     def __post_init__(self):
         for name in ("tile_m", "block_n", "attn_block", "mlp_rank", "attn_rank"):

@@ -154,3 +154,10 @@ def block_sparse_attention_backward(dout, q, k, v, out, lse, counts, indices, bl
     grads = [dq, d_keys[:, :, P:], d_values[:, :, P:]]
     grads += [d_keys[:, :, :P], d_values[:, :, :P]] if P else [None, None]
     return tuple(None if t is None else t.to(q.dtype) for t in grads)
+
+
+def token_cross_entropy(logits, labels, ignore_index: int = -100):
+    """Per-token loss [N] fp32 of [N, V] logits, 0 where the label is ignore_index; computed as HF's
+    causal-LM loss computes it (the logits cast to fp32, then log_softmax; fp64 logits stay fp64)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")

@@ -25,6 +25,7 @@ from ..config import LongExposureConfig
 from ..exposer import decoder_layers
 from ..formats import BlockLayout, MlpMask
 from ..ops import block_sparse_attention, neuron_block_mlp
+from ..ops import cross_entropy
 from ..ops.projections import fused_projections
 
 MODES = ("sparse", "full", "off")
@@ -42,8 +43,10 @@ class Controller:
     predictors: object | None = None  # a PredictorSet, needed for "sparse"
     mode: str = "sparse"
     # On a GPU, run each layer's attention predictor on a second stream, beside the q, k and v
-    # projections that read the same input (opt-in: not yet measured on a GPU).
-    overlap_attention_predictor: bool = False
+    # projections that read the same input. None: only while a CUDA graph captures the step, where
+    # it saved 1.7 ms of a 69.8 ms OPT-1.3B step at 2048 tokens on the H200; an eager step pays the
+    # stream switches on the host, which eager steps are short of already (bench/RESULTS.md).
+    overlap_attention_predictor: bool | None = None
     # (layer, "mlp" | "attention") -> the mask or layout of the last step, with its block count
     _used: dict = field(default_factory=dict)
     _pools: dict = field(default_factory=dict)
@@ -190,7 +193,7 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
         return t.view(B, S, H, D).transpose(1, 2)
 
     controller = state.controller
-    side = _predictor_stream(hidden.device) if controller.overlap_attention_predictor and hidden.is_cuda else None
+    side = _predictor_stream(hidden.device) if _overlaps_predictor(controller, hidden) else None
     if side is not None:
         # The predictor reads only `hidden`, as the projections do, and the layout is first read by
         # the attention kernel: the two can run side by side. No record_stream: `hidden` lives until
@@ -223,6 +226,13 @@ def _sparse_attention(attn, hidden: torch.Tensor, cache, state: _LayerState) -> 
 
 
 _PREDICTOR_STREAMS: dict = {}
+
+
+def _overlaps_predictor(controller: Controller, hidden: torch.Tensor) -> bool:
+    if not hidden.is_cuda:
+        return False
+    choice = controller.overlap_attention_predictor
+    return torch.cuda.is_current_stream_capturing() if choice is None else choice
 
 
 def _predictor_stream(device: torch.device):
@@ -299,6 +309,50 @@ def _check_model(model) -> None:
         raise ValueError(f"the neuron-block MLP needs ReLU; this model uses {config.activation_function!r}")
 
 
+class _FusedCausalLMLoss:
+    """The loss a converted OPTForCausalLM computes: ops.cross_entropy.causal_lm_loss, which reads
+    the logits in their own dtype, where HF's loss first copies them to fp32 (about 5 ms of a
+    2048-token OPT-1.3B step on the H200). Logits no kernel takes go to HF's loss. A class, not a
+    closure, so that a converted model still pickles."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def __call__(self, logits, labels, vocab_size, **kwargs):
+        if not cross_entropy.supports(logits):
+            return self.fallback(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        return cross_entropy.causal_lm_loss(logits, labels, vocab_size, **kwargs)
+
+
+def _causal_lm(model):
+    """The module of `model` (peft wrappers included) whose forward computes the loss, if its
+    transformers version lets the loss be swapped (PreTrainedModel.loss_function)."""
+    # Asked of the class and the module's own children: peft's wrappers forward unknown attributes
+    # to the model inside, so hasattr would find lm_head and loss_function on them too.
+    return next((m for m in model.modules()
+                 if "lm_head" in m._modules and isinstance(getattr(type(m), "loss_function", None), property)), None)
+
+
+def _use_fused_loss(model) -> None:
+    lm = _causal_lm(model)
+    if lm is None or isinstance(lm.loss_function, _FusedCausalLMLoss):
+        return
+    lm._long_exposure_previous_loss = lm.__dict__.get("_loss_function")
+    lm.loss_function = _FusedCausalLMLoss(lm.loss_function)
+
+
+def _restore_loss(model) -> None:
+    lm = _causal_lm(model)
+    if lm is None or not hasattr(lm, "_long_exposure_previous_loss"):
+        return
+    previous = lm._long_exposure_previous_loss
+    del lm._long_exposure_previous_loss
+    if previous is None:
+        del lm._loss_function
+    else:
+        lm._loss_function = previous
+
+
 def convert(model, config: LongExposureConfig | None = None, predictors=None, mode: str | None = None) -> Controller:
     """Turn an OPTForCausalLM (plain or peft-wrapped) into a Long Exposure model, in place.
 
@@ -317,6 +371,8 @@ def convert(model, config: LongExposureConfig | None = None, predictors=None, mo
         layer._long_exposure = _LayerState(controller, index)
         layer.forward = types.MethodType(_layer_forward, layer)
     model._long_exposure_controller = controller
+    if config.fused_loss:
+        _use_fused_loss(model)
     model._long_exposure_padding_hook = model.register_forward_pre_hook(_refuse_padding, with_kwargs=True)
     return controller
 
@@ -342,6 +398,7 @@ def restore(model) -> None:
     off = Controller(controller.config, None, "off")
     model._long_exposure_padding_hook.remove()
     del model._long_exposure_padding_hook
+    _restore_loss(model)
     for layer in decoder_layers(model):
         if hasattr(layer, "adapter_attn") or hasattr(layer, "adapter_mlp"):
             layer._long_exposure = _LayerState(off, layer._long_exposure.index)
