@@ -1,5 +1,6 @@
 import math
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -12,6 +13,11 @@ from tolerance import assert_close_fp32, assert_within_twice_reference
 # (batch, heads, seq, head_dim, block, prefix): ragged sequences, and one shorter than a block.
 SHAPES = [(2, 2, 64, 16, 16, 0), (1, 3, 50, 8, 16, 0), (2, 2, 37, 16, 8, 5), (1, 1, 5, 4, 16, 2)]
 LAYOUTS = ["random", "random_no_diagonal", "per_batch", "causal", "empty", "local_sink"]
+
+
+def stable_seed(*parts) -> int:
+    """A seed per test case that is the same in every run: hash() of a string changes per process."""
+    return zlib.crc32(repr(parts).encode()) % 1000
 
 
 def make_layout(kind, B, H, S, block, g):
@@ -67,7 +73,7 @@ def cast(inputs, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_fp32_matches_reference(shape, kind):
-    inputs, g = make_inputs(shape, torch.float32, seed=hash((shape, kind)) % 1000)
+    inputs, g = make_inputs(shape, torch.float32, seed=stable_seed(shape, kind))
     B, H, S, D, block, _ = shape
     layout = make_layout(kind, B, H, S, block, g)
     scale = 1.0 / math.sqrt(D)
@@ -292,7 +298,7 @@ def test_cuda_kernels_on_long_sequences(shape, kind, attention_kernel):
 
 def check_cuda_kernels(dtype, shape, kind):
     B, H, S, D, block, P = shape
-    low, g = make_inputs(shape, dtype, seed=hash((shape, kind)) % 1000)
+    low, g = make_inputs(shape, dtype, seed=stable_seed(shape, kind))
     layout = make_layout(kind, B, H, S, block, g)
     dout = torch.randn(B, H, S, D, generator=g).to(dtype).cuda()
     low, layout = to_cuda(low), layout.to("cuda")
