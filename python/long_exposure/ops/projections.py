@@ -34,7 +34,13 @@ class _Projections(torch.autograd.Function):
             u = None
             if a is not None:
                 u = (x @ a.t()).mul_(s)  # [N, r]: the scale on the thin side
-                y.addmm_(u, bt.t())
+                if torch.compiler.is_compiling():
+                    # torch 2.11's AOT autograd gives every input of this Function a wrong gradient
+                    # when its forward adds into an output in place (torch 2.13's does not); a
+                    # traced graph fuses the out-of-place add anyway.
+                    y = torch.addmm(y, u, bt.t())
+                else:
+                    y.addmm_(u, bt.t())
             outputs.append(y)
             # Only what the backward reads: u for B's gradient; x (below) for A's. Frozen
             # projections without LoRA keep nothing of x, as autograd's own linear does not.
