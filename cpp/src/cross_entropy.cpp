@@ -34,13 +34,14 @@ int64_t label_at(const TensorView& labels, int64_t row) {
 }
 
 // A label that is neither ignored nor a column is the caller's bug; the CPU can afford to say so.
-bool counts(int64_t label, int64_t ignore_index, int64_t vocab, int64_t row) {
-  if (label == ignore_index) return false;
-  if (label < 0 || label >= vocab)
-    throw ContractError("labels[" + std::to_string(row) + "] is " + std::to_string(label) +
-                        ", outside the vocabulary [0, " + std::to_string(vocab) +
-                        ") and not ignore_index " + std::to_string(ignore_index));
-  return true;
+void check_labels(const TensorView& labels, int64_t ignore_index, int64_t vocab) {
+  for (int64_t r = 0; r < labels.size(0); ++r) {
+    const int64_t label = label_at(labels, r);
+    if (label != ignore_index && (label < 0 || label >= vocab))
+      throw ContractError("labels[" + std::to_string(r) + "] is " + std::to_string(label) +
+                          ", outside the vocabulary [0, " + std::to_string(vocab) +
+                          ") and not ignore_index " + std::to_string(ignore_index));
+  }
 }
 
 template <typename T>
@@ -49,7 +50,6 @@ void forward_rows(const CrossEntropyForwardArgs& a) {
   const T* logits = a.logits.ptr<const T>();
   float* lse = a.lse.ptr<float>();
   float* loss = a.loss.ptr<float>();
-  for (int64_t r = 0; r < n; ++r) counts(label_at(a.labels, r), a.ignore_index, vocab, r);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n; ++r) {
     using Acc = typename Accumulator<T>::type;
@@ -71,7 +71,6 @@ void backward_rows(const CrossEntropyBackwardArgs& a) {
   const T* logits = a.logits.ptr<const T>();
   const float* lse = a.lse.ptr<const float>();
   T* grad = a.grad_logits.ptr<T>();
-  for (int64_t r = 0; r < n; ++r) counts(label_at(a.labels, r), a.ignore_index, vocab, r);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < n; ++r) {
     using Acc = typename Accumulator<T>::type;
@@ -119,10 +118,12 @@ void cross_entropy_backward(const CrossEntropyBackwardArgs& a) {
 }
 
 void cross_entropy_forward_cpu(const CrossEntropyForwardArgs& a) {
+  check_labels(a.labels, a.ignore_index, a.logits.size(1));
   dispatch_float(a.logits.dtype, "cross_entropy_forward", [&](auto tag) { forward_rows<decltype(tag)>(a); });
 }
 
 void cross_entropy_backward_cpu(const CrossEntropyBackwardArgs& a) {
+  check_labels(a.labels, a.ignore_index, a.logits.size(1));
   dispatch_float(a.logits.dtype, "cross_entropy_backward", [&](auto tag) { backward_rows<decltype(tag)>(a); });
 }
 
