@@ -58,22 +58,21 @@ void dispatch(DType dtype, int64_t head_dim, int64_t block, Fn&& fn) {
 
 using Named = std::initializer_list<std::pair<const TensorView*, const char*>>;
 
-// Runs Launch::wgmma<T, D, BLK>(a) where the wgmma kernels (cuda/sm90a/) take the call (head dims
-// 64 and 128 on a Hopper, unless LONG_EXPOSURE_ATTENTION_KERNEL=mma), Launch::portable otherwise.
+// Runs Launch::wgmma<T, D, BLK>(a) where the wgmma kernels (cuda/sm90a/) take the call (every
+// head dim on a Hopper, unless LONG_EXPOSURE_ATTENTION_KERNEL=mma), Launch::portable otherwise.
 template <typename Launch, typename Args>
 void launch_kernels(const Args& a) {
-  const int64_t D = a.q.size(3);
-  const bool hopper = (D == 64 || D == 128) && use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
-  dispatch(a.q.dtype, D, a.layout.block, [&](auto tag, auto dim, auto blk) {
+  const bool hopper = use_wgmma_kernels(a.q.device_index, "LONG_EXPOSURE_ATTENTION_KERNEL");
+  dispatch(a.q.dtype, a.q.size(3), a.layout.block, [&](auto tag, auto dim, auto blk) {
     using T = decltype(tag);
     constexpr int kDim = decltype(dim)::value, kBlock = decltype(blk)::value;
 #ifdef LONG_EXPOSURE_WITH_SM90A
-    if constexpr (kDim == 64 || kDim == 128) {
-      if (hopper) {
-        Launch::template wgmma<T, kDim, kBlock>(a);
-        return;
-      }
+    if (hopper) {
+      Launch::template wgmma<T, kDim, kBlock>(a);
+      return;
     }
+#else
+    (void)hopper;
 #endif
     Launch::template portable<T, kDim, kBlock>(a);
   });

@@ -16,8 +16,8 @@ template <typename T, int D, int BLK>
 void launch_backward(const AttentionBackwardArgs& args);
 
 // The forward on Hopper's wgmma (cuda/sm90a/, built for sm_90a only, so callable only where the
-// build defines LONG_EXPOSURE_WITH_SM90A and the device is a compute capability 9.0 part); D 64
-// or 128.
+// build defines LONG_EXPOSURE_WITH_SM90A and the device is a compute capability 9.0 part); D 64,
+// 80 or 128.
 template <typename T, int D, int BLK>
 void launch_forward_sm90(const AttentionForwardArgs& args);
 

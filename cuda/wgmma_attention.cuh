@@ -2,7 +2,8 @@
 //   S = Q K^T: both operands in shared memory, K-major, N = 64 or 128 keys (32 or 64 queries in
 //     the backward's transposed products), with the first k-step overwriting the accumulator
 //     (scale-d 0), so S needs no zeroing between key tiles;
-//   O += P V: P from registers, V in shared memory MN-major (transposed on read), N = head dim.
+//   O += P V: P from registers, V in shared memory MN-major (transposed on read), N = head dim
+//     (64, 80 or 128).
 // The register form takes A in the per-warp layout of mma.sync m16n8k16 (PTX ISA, "Register
 // fragments" of wgmma m64nNk16: warp w of the warpgroup holds rows 16 w .. 16 w + 15), which is
 // also how the fp32 accumulator of the first product is spread: thread lane holds rows lane / 4
@@ -49,7 +50,7 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
     asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
 }
 
-// The accumulator operands of a 64 x 32, a 64 x 64 and a 64 x 128 product, spelled out once.
+// The accumulator operands of a 64 x 32, 64 x 64, 64 x 80 and 64 x 128 product, spelled out once.
 #define LONG_EXPOSURE_ATTN_REGS16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define LONG_EXPOSURE_ATTN_OPERANDS16(d) \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
@@ -63,6 +64,11 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define LONG_EXPOSURE_ATTN_REGS40 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
+#define LONG_EXPOSURE_ATTN_OPERANDS40(d) \
+  LONG_EXPOSURE_ATTN_OPERANDS32(d), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
 #define LONG_EXPOSURE_ATTN_OPERANDS64(d) \
   LONG_EXPOSURE_ATTN_OPERANDS32(d), \
   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
@@ -119,12 +125,17 @@ LONG_EXPOSURE_ATTN_SS(__nv_bfloat16, "bf16", 128, LONG_EXPOSURE_ATTN_REGS64, LON
 LONG_EXPOSURE_ATTN_SS(__half, "f16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34)
 LONG_EXPOSURE_ATTN_SS(__half, "f16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66)
 LONG_EXPOSURE_ATTN_RS(__nv_bfloat16, "bf16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34, 35, 36, 37)
+// N = 80: OPT-2.7B's head dim, whose second 64-column panel the product reads 16 columns of.
+LONG_EXPOSURE_ATTN_RS(__nv_bfloat16, "bf16", 80, LONG_EXPOSURE_ATTN_REGS40, LONG_EXPOSURE_ATTN_OPERANDS40, 40, 41, 42, 43, 44, 45)
+LONG_EXPOSURE_ATTN_RS(__half, "f16", 80, LONG_EXPOSURE_ATTN_REGS40, LONG_EXPOSURE_ATTN_OPERANDS40, 40, 41, 42, 43, 44, 45)
 LONG_EXPOSURE_ATTN_RS(__nv_bfloat16, "bf16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66, 67, 68, 69)
 LONG_EXPOSURE_ATTN_RS(__half, "f16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34, 35, 36, 37)
 LONG_EXPOSURE_ATTN_RS(__half, "f16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66, 67, 68, 69)
 #undef LONG_EXPOSURE_ATTN_SS
 #undef LONG_EXPOSURE_ATTN_RS
 #undef LONG_EXPOSURE_ATTN_OPERANDS64
+#undef LONG_EXPOSURE_ATTN_OPERANDS40
+#undef LONG_EXPOSURE_ATTN_REGS40
 #undef LONG_EXPOSURE_ATTN_OPERANDS32
 #undef LONG_EXPOSURE_ATTN_REGS64
 #undef LONG_EXPOSURE_ATTN_OPERANDS16

@@ -263,10 +263,10 @@ def test_cuda_fp32_runs_the_reference():
 # of the block, a sequence shorter than one block, and OPT-2.7B's head dim 80.
 CUDA_SHAPES = [(2, 3, 256, 64, 64, 0), (1, 2, 300, 64, 64, 17), (2, 2, 200, 128, 128, 0),
                (1, 2, 384, 128, 64, 70), (2, 2, 190, 80, 64, 5), (1, 1, 40, 64, 64, 0),
-               (1, 2, 520, 64, 128, 130)]
+               (1, 2, 520, 64, 128, 130), (1, 2, 300, 80, 128, 40)]
 CUDA_LAYOUTS = ["random", "random_no_diagonal", "per_batch", "causal", "empty", "local_sink"]
 # Sequences of many key tiles per query block, where the pipelined kernels' steady state runs.
-LONG_SHAPES = [(1, 2, 2048, 64, 64, 0), (1, 2, 1024, 128, 128, 70)]
+LONG_SHAPES = [(1, 2, 2048, 64, 64, 0), (1, 2, 1024, 128, 128, 70), (1, 2, 2048, 80, 64, 0)]
 attention_kernel = kernel_choice("LONG_EXPOSURE_ATTENTION_KERNEL")
 
 

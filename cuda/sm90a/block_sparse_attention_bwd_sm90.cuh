@@ -57,8 +57,8 @@ namespace sm90 {
 
 template <int D, int BLK>
 struct DkvConfig {
-  static_assert(D == 64 || D == 128, "the wgmma backward takes head dims 64 and 128");
   static_assert(BLK == 64 || BLK == 128, "the wgmma backward takes blocks of 64 and 128");
+  static constexpr int kWidth = panel_width<D>();
   static constexpr int kGroups = BLK / 64, kThreads = 128 * kGroups;
   static constexpr int kBq = D == 128 ? 32 : 64;  // queries per tile
   static constexpr int kPerBlock = BLK / kBq;
@@ -67,9 +67,10 @@ struct DkvConfig {
   static constexpr int kMinBlocks = BLK == 64 ? 2 : 1;
   // Three query-tile buffers: tile t + 1 loads while tile t computes and tile t - 1's last
   // products may still read theirs. Two also work, each tile's products then waited for within
-  // its own iteration.
-  static constexpr int kStages = 3;
-  static constexpr int kKvElements = BLK * D, kTileElements = kBq * D;
+  // its own iteration; head dim 80 with 64-key blocks takes two, as three (128 KiB, its 64-query
+  // tiles two panels wide) would leave an SM one thread block.
+  static constexpr int kStages = (D == 80 && BLK == 64) ? 2 : 3;
+  static constexpr int kKvElements = BLK * kWidth, kTileElements = kBq * kWidth;
   template <typename T>
   static size_t smem_bytes(int n_q) {
     return 1024 + static_cast<size_t>(2 * kKvElements + 2 * kStages * kTileElements) * sizeof(T) +
@@ -79,17 +80,17 @@ struct DkvConfig {
 
 template <int D, int BLK>
 struct DqConfig {
-  static_assert(D == 64 || D == 128, "the wgmma backward takes head dims 64 and 128");
   static_assert(BLK == 64 || BLK == 128, "the wgmma backward takes blocks of 64 and 128");
+  static constexpr int kWidth = panel_width<D>();
   static constexpr int kGroups = BLK / 64, kThreads = 128 * kGroups;
   static constexpr int kKeys = 64;
   static constexpr int kPerBlock = BLK / kKeys;
   static constexpr int kMinBlocks = BLK == 64 ? (D == 64 ? 3 : 2) : 1;
   // Three key/value buffers let tile t's dQ product run on into iteration t + 1 (see dkv_kernel);
-  // a 64-row block at head dim 128 keeps two, which leave room for two thread blocks per SM
-  // (96 KiB each instead of 128).
-  static constexpr int kStages = D == 128 && BLK == 64 ? 2 : 3;
-  static constexpr int kQElements = BLK * D, kTileElements = kKeys * D;
+  // a 64-row block two panels wide (head dim 80 or 128) keeps two, which leave room for two
+  // thread blocks per SM (96 KiB each instead of 128).
+  static constexpr int kStages = kWidth == 128 && BLK == 64 ? 2 : 3;
+  static constexpr int kQElements = BLK * kWidth, kTileElements = kKeys * kWidth;
   template <typename T>
   static size_t smem_bytes(int n_q) {
     return 1024 + static_cast<size_t>(2 * kQElements + 2 * kStages * kTileElements) * sizeof(T) +

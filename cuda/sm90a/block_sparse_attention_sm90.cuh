@@ -47,18 +47,28 @@ namespace long_exposure {
 namespace attention_cuda {
 namespace sm90 {
 
+// Columns a tile of head dim D holds: whole 64-column panels, as the swizzle works on 128-byte
+// rows. Head dim 80 (OPT-2.7B) thus takes the room of 128; its products read only the 16 columns
+// of the second panel that the loads wrote, the K-major ones in five 16-column k-steps and the
+// MN-major ones (O, dK, dV, dQ) as one 80-wide N.
+template <int D>
+constexpr int panel_width() {
+  static_assert(D == 64 || D == 80 || D == 128, "the wgmma kernels take head dims 64, 80 and 128");
+  return (D + 63) / 64 * 64;
+}
+
 template <int D, int BLK>
 struct Config {
-  static_assert(D == 64 || D == 128, "the wgmma forward takes head dims 64 and 128");
   static_assert(BLK == 64 || BLK == 128, "the wgmma forward takes blocks of 64 and 128");
+  static constexpr int kWidth = panel_width<D>();
   static constexpr int kGroups = BLK / 64;  // warpgroups, 64 query rows each
   static constexpr int kThreads = 128 * kGroups;
-  // A 64-row block with head dim 128 keeps 64-key tiles: two thread blocks then fit an SM (80 KiB
+  // A 64-row block with two panels keeps 64-key tiles: two thread blocks then fit an SM (80 KiB
   // of shared memory each); with 128-key tiles one would (144 KiB) and idle through its barriers.
-  static constexpr int kSegments = (D == 128 && BLK == 64) ? 1 : 2;
+  static constexpr int kSegments = (kWidth == 128 && BLK == 64) ? 1 : 2;
   static constexpr int kKeys = 64 * kSegments;
   static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 64 ? 3 : 2);
-  static constexpr int kQElements = BLK * D, kTileElements = kKeys * D;
+  static constexpr int kQElements = BLK * kWidth, kTileElements = kKeys * kWidth;
   template <typename T>
   static size_t smem_bytes(int n_q) {
     // 1 KiB of slack puts the tiles on the 1024-byte boundary the swizzle pattern is taken from.
@@ -72,11 +82,12 @@ struct Config {
 template <typename T, int D, int TILE_ROWS, int ROWS, int THREADS>
 __device__ __forceinline__ void load_panel_rows(T* tile, int dst_row, const T* plane, int64_t stride, int row0,
                                                 int end) {
-  constexpr int kPieces = D / 8;
-  static_assert(ROWS * kPieces % THREADS == 0, "every thread copies the same number of pieces");
+  constexpr int kPieces = D / 8, kTotal = ROWS * kPieces;
 #pragma unroll
-  for (int j = 0; j < ROWS * kPieces / THREADS; ++j) {
+  for (int j = 0; j < (kTotal + THREADS - 1) / THREADS; ++j) {
     const int c = static_cast<int>(threadIdx.x) + j * THREADS;
+    // Only head dim 80 leaves a last round that not every thread takes part in.
+    if (kTotal % THREADS != 0 && c >= kTotal) break;
     const int r = c / kPieces, col = (c % kPieces) * 8;
     const bool valid = row0 + r < end;
     const T* src = plane + (valid ? static_cast<int64_t>(row0 + r) * stride + col : 0);
