@@ -81,3 +81,31 @@ def test_cuda_transpose_equals_cpu():
     cpu = mask.transpose(64)
     cuda = mask.to("cuda").transpose(64)
     assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[1].cpu(), cpu[1])
+
+
+def random_block_lists(groups, rows, columns, capacity, density, generator):
+    """Sorted, distinct column lists per row, -1 padded to capacity; some rows empty, some full."""
+    counts = torch.zeros(groups, rows, dtype=torch.int32)
+    indices = torch.full((groups, rows, capacity), -1, dtype=torch.int32)
+    for g in range(groups):
+        for r in range(rows):
+            if r % 7 == 3:
+                continue  # an empty row
+            n = capacity if r % 11 == 5 else int(torch.binomial(torch.tensor(float(capacity)),
+                                                              torch.tensor(density), generator=generator))
+            chosen = torch.randperm(columns, generator=generator)[:n].sort().values
+            counts[g, r] = n
+            indices[g, r, :n] = chosen.to(torch.int32)
+    return counts, indices
+
+
+# (groups, rows, columns, capacity): the shared-memory bitmap with one and with several words per
+# column, and a group too large for it (the scan in global memory).
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 32, 32, 32), (2, 70, 90, 40), (1, 1100, 400, 24)])
+def test_cuda_transpose_block_lists_equals_cpu(shape):
+    groups, rows, columns, capacity = shape
+    counts, indices = random_block_lists(groups, rows, columns, capacity, 0.3, torch.Generator().manual_seed(7))
+    cpu = transpose_block_lists(counts, indices, columns)
+    cuda = transpose_block_lists(counts.cuda(), indices.cuda(), columns)
+    assert torch.equal(cuda[0].cpu(), cpu[0]) and torch.equal(cuda[1].cpu(), cpu[1])

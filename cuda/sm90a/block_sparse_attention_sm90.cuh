@@ -262,7 +262,10 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
     wgmma::commit();
   };
   // Masks and exponentiates S_t in place and updates the running maxima and sums; alpha gets the
-  // factors that bring O from the old maxima to the new ones.
+  // factors that bring O from the old maxima to the new ones. The maxima are taken over the raw
+  // scores (the scale is positive, so it commutes with max) and the scale is folded into the one
+  // FFMA in front of each exponential: the softmax's FP32 work, not the tensor cores, is what a
+  // 64-wide head keeps the SM issuing (bench/RESULTS.md).
   auto softmax = [&](int t, float& alpha_lo, float& alpha_hi) {
 #pragma unroll
     for (int g = 0; g < kSegments; ++g) {
@@ -271,14 +274,11 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 #pragma unroll
         for (int i = 8 * g; i < 8 * g + 8; ++i) {
           const int j = key0 + (i - 8 * g) * 8 + c;
-          s[4 * i] = j <= last_lo ? s[4 * i] * p.scale_log2 : -INFINITY;
-          s[4 * i + 1] = j + 1 <= last_lo ? s[4 * i + 1] * p.scale_log2 : -INFINITY;
-          s[4 * i + 2] = j <= last_hi ? s[4 * i + 2] * p.scale_log2 : -INFINITY;
-          s[4 * i + 3] = j + 1 <= last_hi ? s[4 * i + 3] * p.scale_log2 : -INFINITY;
+          if (j > last_lo) s[4 * i] = -INFINITY;
+          if (j + 1 > last_lo) s[4 * i + 1] = -INFINITY;
+          if (j > last_hi) s[4 * i + 2] = -INFINITY;
+          if (j + 1 > last_hi) s[4 * i + 3] = -INFINITY;
         }
-      } else {
-#pragma unroll
-        for (int i = 32 * g; i < 32 * g + 32; ++i) s[i] *= p.scale_log2;
       }
     }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
     }
-    const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+    const float new_lo = fmaxf(m_lo, mx_lo * p.scale_log2), new_hi = fmaxf(m_hi, mx_hi * p.scale_log2);
     // A row with no visible key so far keeps m = -inf; subtracting 0 then keeps exp2 at 0, not NaN.
     const float base_lo = new_lo == -INFINITY ? 0.f : new_lo;
     const float base_hi = new_hi == -INFINITY ? 0.f : new_hi;
@@ -304,10 +304,10 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
     float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
     for (int i = 0; i < kKeys / 8; ++i) {
-      s[4 * i] = wgmma::exp2_ftz(s[4 * i] - base_lo);
-      s[4 * i + 1] = wgmma::exp2_ftz(s[4 * i + 1] - base_lo);
-      s[4 * i + 2] = wgmma::exp2_ftz(s[4 * i + 2] - base_hi);
-      s[4 * i + 3] = wgmma::exp2_ftz(s[4 * i + 3] - base_hi);
+      s[4 * i] = wgmma::exp2_ftz(fmaf(s[4 * i], p.scale_log2, -base_lo));
+      s[4 * i + 1] = wgmma::exp2_ftz(fmaf(s[4 * i + 1], p.scale_log2, -base_lo));
+      s[4 * i + 2] = wgmma::exp2_ftz(fmaf(s[4 * i + 2], p.scale_log2, -base_hi));
+      s[4 * i + 3] = wgmma::exp2_ftz(fmaf(s[4 * i + 3], p.scale_log2, -base_hi));
       sum_lo += s[4 * i] + s[4 * i + 1];
       sum_hi += s[4 * i + 2] + s[4 * i + 3];
     }
