@@ -82,6 +82,37 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
   return v;
 }
 
+// A thread's epilogue values that come from global memory (a bias, the ReLU mask of H) are read
+// before the products: in the epilogue each read was a load the next instruction waited on, one
+// column pair at a time, and those waits were a quarter of fc1's stall samples (bench/RESULTS.md).
+// Read first, their latency hides behind the first TMA stages instead. A bias goes to shared
+// memory, past the engine's ring (the launcher reserves EpilogueShared::kBytes for it): kept in
+// registers it cost fc1 30 of them and spilled in the 64-token configurations.
+template <typename Engine>
+struct EpilogueShared {
+  static constexpr int kOffset = Engine::shared_bytes();  // past the ring
+  static constexpr int kBytes = Engine::BN * static_cast<int>(sizeof(float));
+};
+
+// s_bias[col] = bias[base(col)] for each of the thread block's BN output columns, zero where
+// column_base gives a negative base (past the tensor, or no bias); ends with a barrier.
+template <typename Engine, typename T, typename ColumnBase>
+__device__ __forceinline__ float* stage_bias(unsigned char* shared, const T* bias, ColumnBase column_base) {
+  float* s_bias = reinterpret_cast<float*>(shared + EpilogueShared<Engine>::kOffset);
+  for (int col = threadIdx.x; col < Engine::BN; col += Engine::kThreads) {
+    const int64_t base = bias ? column_base(col) : -1;
+    s_bias[col] = base >= 0 ? static_cast<float>(bias[base]) : 0.0f;
+  }
+  __syncthreads();
+  return s_bias;
+}
+
+// The column pairs of Engine's accumulator, in the order for_each_pair visits them.
+template <typename Engine>
+__host__ __device__ constexpr int accumulator_pairs() {
+  return static_cast<int>(sizeof(typename Engine::Acc) / (2 * sizeof(float)));
+}
+
 using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 
 // The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a BM x BN block tile
@@ -165,6 +196,10 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kern
     lora.b[j] = {p.lora1_b + static_cast<int64_t>(pairs.n0[j]) * d.r1, d.r1, pairs.cols[j], d.r1, &p.maps.lora1_b,
                  pairs.n0[j]};
   }
+  const float* s_bias = stage_bias<Engine, T>(shared, p.b1, [&](int col) -> int64_t {
+    const int j = col / PN, c = col % PN;
+    return c < pick(pairs.cols, j) ? pick(pairs.n0, j) + c : -1;
+  });
   typename Engine::Acc acc;
   product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.lora1_u ? d.r1 : 0, shared);
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
@@ -172,11 +207,8 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kern
     const int cols = pick(pairs.cols, j);
     const int64_t n0 = pick(pairs.n0, j);
     if (c >= cols) return;
-    if (p.b1) {
-      v0 += static_cast<float>(p.b1[n0 + c]);
-      v1 += static_cast<float>(p.b1[n0 + c + 1]);
-    }
-    store_pair(p.h + m0 * d.neurons + n0, d.neurons, rows, cols, row, c, fmaxf(v0, 0.0f), fmaxf(v1, 0.0f));
+    store_pair(p.h + m0 * d.neurons + n0, d.neurons, rows, cols, row, c, fmaxf(v0 + s_bias[col], 0.0f),
+               fmaxf(v1 + s_bias[col + 1], 0.0f));
   });
 }
 
@@ -231,20 +263,18 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc2_kern
   const int64_t tile = m0 / d.tile_m;
   const int cpb = static_cast<int>(d.block_n / mma::kBK);
   const int n_chunks = p.counts[tile] * cpb;
+  const float* s_bias = stage_bias<Engine, T>(shared, is_y ? p.b2 : nullptr, [&](int col) -> int64_t {
+    return col < cols ? n0 + col : -1;
+  });
   typename Engine::Acc acc;
   Engine::zero(acc);
   Engine::accumulate(acc, n_chunks,
                      GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
   T* out = is_y ? p.y + m0 * d.model + n0 : p.lora2_v + m0 * d.r2 + n0;
   const int64_t ld = is_y ? d.model : d.r2;
-  const T* bias = is_y && p.b2 ? p.b2 + n0 : nullptr;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     if (col >= cols) return;
-    if (bias) {
-      v0 += static_cast<float>(bias[col]);
-      v1 += static_cast<float>(bias[col + 1]);
-    }
-    store_pair(out, ld, rows, cols, row, col, v0, v1);
+    store_pair(out, ld, rows, cols, row, col, v0 + s_bias[col], v1 + s_bias[col + 1]);
   });
 }
 
@@ -266,17 +296,38 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kerne
     frozen.b[j] = {p.w2 + pairs.n0[j], d.neurons, pairs.cols[j], d.model, &p.maps.w2, pairs.n0[j]};
     lora.b[j] = {p.lora2_a + pairs.n0[j], d.neurons, pairs.cols[j], d.r2, &p.maps.lora2_a, pairs.n0[j]};
   }
-  typename Engine::Acc acc;
-  product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
   using P = mma::Pair<T>;
+  // Which of this thread's elements of H are positive (ReLU passes their gradient), two bits per
+  // accumulator pair in for_each_pair's order, read before the products (see stage_bias).
+  constexpr int kPairs = accumulator_pairs<Engine>();
+  uint32_t positive[(2 * kPairs + 31) / 32] = {};
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  {
+    int k = 0;
+    // Only the positions for_each_pair names are used here, not the (zero) values.
+    Engine::for_each_pair(acc, [&](int row, int col, float, float, int) {
+      const int j = col / PN, c = col % PN;
+      if (row < rows && c < pick(pairs.cols, j)) {
+        const int64_t n = m0 * d.neurons + pick(pairs.n0, j) + c;
+        const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
+        positive[k / 16] |= (hv.x > 0.0f ? 1u : 0u) << (2 * (k % 16));
+        positive[k / 16] |= (hv.y > 0.0f ? 2u : 0u) << (2 * (k % 16));
+      }
+      ++k;
+    });
+  }
+  product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
   // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
   float sums[Engine::kSlots][2] = {};
+  int k = 0;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
     const int j = col / PN, c = col % PN;
+    const uint32_t bits = positive[k / 16] >> (2 * (k % 16));
+    ++k;
     if (row >= rows || c >= pick(pairs.cols, j)) return;
     const int64_t n = m0 * d.neurons + pick(pairs.n0, j) + c;
-    const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
-    const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
+    const typename P::type g = P::make(bits & 1u ? v0 : 0.0f, bits & 2u ? v1 : 0.0f);
     *reinterpret_cast<typename P::type*>(p.dh + n + row * d.neurons) = g;
     const float2 gf = P::to_float2(g);
     sums[slot][0] += gf.x;

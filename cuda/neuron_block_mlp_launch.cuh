@@ -48,7 +48,7 @@ template <typename Engine, typename Kernel, typename Params>
 void launch(Kernel kernel, unsigned width, cudaStream_t stream, int device, const Params& params, const char* name) {
   const dim3 grid(width, pieces(params.dims.tokens, Engine::BM));
   if (grid.x == 0 || grid.y == 0) return;
-  constexpr int bytes = Engine::shared_bytes();
+  constexpr int bytes = Engine::shared_bytes() + EpilogueShared<Engine>::kBytes;
   reserve_shared_memory(kernel, bytes, device, name);
   kernel<<<grid, Engine::kThreads, bytes, stream>>>(params);
   check_cuda(cudaGetLastError(), name);
