@@ -231,7 +231,6 @@ struct Engine {
   using Chunk = SplitChunk<T, kPieces>;
   static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = Cfg::kThreads;
-  static constexpr int kConsumerThreads = kThreads;  // every thread holds part of the accumulator
   static constexpr int kMinBlocks = 1;
   static constexpr int kSlots = Cfg::NI;  // column pairs each thread holds
   static constexpr int shared_bytes() { return Cfg::template shared_bytes<T>(); }

@@ -107,13 +107,6 @@ __device__ __forceinline__ float* stage_bias(unsigned char* shared, const T* bia
   return s_bias;
 }
 
-// Whether this thread holds part of the accumulator: a TMA engine's producer warp does not, and
-// leaves once the products are done.
-template <typename Engine>
-__device__ __forceinline__ bool holds_accumulator() {
-  return static_cast<int>(threadIdx.x) < Engine::kConsumerThreads;
-}
-
 // The column pairs of Engine's accumulator, in the order for_each_pair visits them.
 template <typename Engine>
 __host__ __device__ constexpr int accumulator_pairs() {
@@ -209,7 +202,6 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kern
   });
   typename Engine::Acc acc;
   product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.lora1_u ? d.r1 : 0, shared);
-  if (!holds_accumulator<Engine>()) return;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     const int j = col / PN, c = col % PN;
     const int cols = pick(pairs.cols, j);
@@ -278,7 +270,6 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc2_kern
   Engine::zero(acc);
   Engine::accumulate(acc, n_chunks,
                      GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
-  if (!holds_accumulator<Engine>()) return;
   T* out = is_y ? p.y + m0 * d.model + n0 : p.lora2_v + m0 * d.r2 + n0;
   const int64_t ld = is_y ? d.model : d.r2;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
@@ -312,7 +303,7 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kerne
   uint32_t positive[(2 * kPairs + 31) / 32] = {};
   typename Engine::Acc acc;
   Engine::zero(acc);
-  if (holds_accumulator<Engine>()) {
+  {
     int k = 0;
     // Only the positions for_each_pair names are used here, not the (zero) values.
     Engine::for_each_pair(acc, [&](int row, int col, float, float, int) {
@@ -327,7 +318,6 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kerne
     });
   }
   product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
-  if (!holds_accumulator<Engine>()) return;
   // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
   float sums[Engine::kSlots][2] = {};
   int k = 0;
@@ -386,7 +376,6 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dx_kerne
   Engine::zero(acc);
   Engine::accumulate(acc, n_chunks,
                      GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
-  if (!holds_accumulator<Engine>()) return;
   T* out = (is_x ? p.dx : p.dlora1_u) + m0 * width + n0;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
     store_pair(out, width, rows, cols, row, col, v0, v1);

@@ -106,7 +106,6 @@ struct Engine {
   using Chunk = mma::SplitChunk<T, kPieces>;
   static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = wgmma::kThreads * WG_M * WG_N;
-  static constexpr int kConsumerThreads = kThreads;  // every thread holds part of the accumulator
   static constexpr int kMinBlocks = 1;  // thread blocks per SM the kernels are compiled for
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;

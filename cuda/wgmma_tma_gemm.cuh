@@ -26,18 +26,13 @@ struct TmaEngine : Engine<T, B_KMAJOR, STAGES, WG_M, WG_N> {
   using Base::BM;
   using Base::kPieces;
   using Base::kStageElements;
-  // One warp past the warpgroups only issues the loads. When a consumer thread issued them, its
-  // warp waited each chunk for every warp to release the stage being refilled, which held its
-  // warpgroup's next products back to the slowest warp's pace and kept the ring a chunk short of
-  // full; waits on the stage's arrival and on those of the products were most of fc1's stall
-  // samples (bench/RESULTS.md).
-  static constexpr int kConsumerThreads = Base::kThreads, kThreads = kConsumerThreads + 32;
+  using Base::kThreads;
   static constexpr bool kLoadsByTma = true;
   static constexpr int kMinBlocks = MIN_BLOCKS;
   // The box heights the launcher must encode each operand's map with: BM rows of the A operand,
   // kN rows of a K-major B piece, 64 K rows of each 64-column panel of an MN-major one.
   static constexpr int kABoxRows = BM, kBBoxRows = B_KMAJOR ? kN : mma::kBK;
-  static constexpr int kWarps = kConsumerThreads / 32;  // the warps that release each stage
+  static constexpr int kWarps = kThreads / 32;
   static constexpr uint32_t kABytes = ATile::kElements * sizeof(T), kPieceBytes = BTile::kElements * sizeof(T);
   // The ring, its 1 KiB alignment slack, and a full and an empty barrier per stage.
   static constexpr int shared_bytes() { return Base::shared_bytes() + 2 * STAGES * 8; }
@@ -51,7 +46,8 @@ struct TmaEngine : Engine<T, B_KMAJOR, STAGES, WG_M, WG_N> {
     auto stage_b = [&](int s, int piece) {
       return shared + s * kStageElements + ATile::kElements + piece * BTile::kElements;
     };
-    if (threadIdx.x == kConsumerThreads) {
+    const bool producer = threadIdx.x == 0;
+    if (producer) {
       for (int s = 0; s < STAGES; ++s) {
         tma::barrier_init(&full[s], 1);
         tma::barrier_init(&empty[s], kWarps);
@@ -82,34 +78,32 @@ struct TmaEngine : Engine<T, B_KMAJOR, STAGES, WG_M, WG_N> {
         }
       }
     };
-    if (threadIdx.x >= kConsumerThreads) {
-      // Chunk i refills its stage once every consumer warp has released chunk i - STAGES there.
-      if (threadIdx.x == kConsumerThreads) {
-        for (int i = 0; i < n_chunks; ++i) {
-          if (i >= STAGES) tma::wait(&empty[i % STAGES], (i / STAGES - 1) & 1);
-          issue(i);
-        }
-      }
-      __syncwarp();
-    } else {
-      const int warpgroup = Base::this_warpgroup(), piece = warpgroup % WG_N, a_rows = Base::a_offset(warpgroup);
-      for (int i = 0; i < n_chunks; ++i) {
-        const int s = i % STAGES;
-        tma::wait(&full[s], (i / STAGES) & 1);
-        if (Base::piece_is_live(get_chunk(i), piece)) {
-          Base::multiply(acc, stage_a(s) + a_rows, stage_b(s, piece));
-          // Chunk i - 1's products are done: its stage may be refilled. The last chunk drains,
-          // so that no wgmma is in flight where the loop's exit joins the path that skipped it.
-          if (i + 1 < n_chunks)
-            wait_one();
-          else
-            wait_all();
-        } else {
+    if (producer)
+      for (int i = 0; i < STAGES - 1 && i < n_chunks; ++i) issue(i);
+
+    const int warpgroup = Base::this_warpgroup(), piece = warpgroup % WG_N, a_rows = Base::a_offset(warpgroup);
+    for (int i = 0; i < n_chunks; ++i) {
+      const int s = i % STAGES;
+      tma::wait(&full[s], (i / STAGES) & 1);
+      if (Base::piece_is_live(get_chunk(i), piece)) {
+        Base::multiply(acc, stage_a(s) + a_rows, stage_b(s, piece));
+        // Chunk i - 1's products are done: its stage may be refilled. The last chunk drains, so
+        // that no wgmma is in flight where the loop's exit joins the path that skipped it.
+        if (i + 1 < n_chunks)
+          wait_one();
+        else
           wait_all();
-        }
-        tma::arrive_if(&empty[(i + STAGES - 1) % STAGES], i > 0 && threadIdx.x % 32 == 0);
-        __syncwarp();  // wgmma is warp-collective: lane 0 meets its warp again before the next chunk
+      } else {
+        wait_all();
       }
+      // Chunk i + STAGES - 1 refills the stage of chunk i - 1, once every warp has released it.
+      tma::arrive_if(&empty[(i + STAGES - 1) % STAGES], i > 0 && threadIdx.x % 32 == 0);
+      const int next = i + STAGES - 1;
+      if (producer && next < n_chunks) {
+        if (next >= STAGES) tma::wait(&empty[next % STAGES], (next / STAGES - 1) & 1);
+        issue(next);
+      }
+      __syncwarp();  // wgmma is warp-collective: lane 0's warp meets again before the next chunk
     }
     __syncthreads();  // the caller may reuse the shared memory
   }
