@@ -142,8 +142,6 @@ def main() -> None:
                     except Exception as error:  # noqa: BLE001  (a baseline that cannot run this shape)
                         print(f"<!-- {model} {method} {name}: {type(error).__name__}: {str(error)[:200]} -->",
                               file=sys.stderr)
-                    for t in leaves:
-                        t.grad = None
 
                 def cell(method, flops):
                     if method not in times:
@@ -158,8 +156,6 @@ def main() -> None:
                       f"{cell('flex', flops_fwd)} | {ratio('flex')} |", flush=True)
             if args.kernel_times:
                 print_kernel_times(fwd_bwd(ours_fwd), f"{model}, density {real_density:.2f}, ours fwd+bwd")
-                for t in leaves:
-                    t.grad = None
 
 
 def print_kernel_times(step, title: str, reps: int = 10) -> None:

@@ -82,12 +82,13 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
   return v;
 }
 
-// A thread's epilogue values that come from global memory (a bias, the ReLU mask of H) are read
-// before the products: in the epilogue each read was a load the next instruction waited on, one
-// column pair at a time, and those waits were a quarter of fc1's stall samples (bench/RESULTS.md).
-// Read first, their latency hides behind the first TMA stages instead. A bias goes to shared
-// memory, past the engine's ring (the launcher reserves EpilogueShared::kBytes for it): kept in
-// registers it cost fc1 30 of them and spilled in the 64-token configurations.
+// fc1's and fc2's biases are read before the products: in the epilogue each read was a global
+// load the next instruction waited on, one column pair at a time, and those waits were a quarter
+// of fc1's stall samples (bench/RESULTS.md). Read first, their latency hides behind the first TMA
+// stages instead. They go to shared memory, past the engine's ring (the launcher reserves
+// EpilogueShared::kBytes for it): kept in registers they cost fc1 30 of them and spilled in the
+// 64-token configurations. (dH's ReLU mask, read from H the same way, was also tried read early,
+// into bits: the backward did not move, so it stays in the epilogue.)
 template <typename Engine>
 struct EpilogueShared {
   static constexpr int kOffset = Engine::shared_bytes();  // past the ring
@@ -105,12 +106,6 @@ __device__ __forceinline__ float* stage_bias(unsigned char* shared, const T* bia
   }
   __syncthreads();
   return s_bias;
-}
-
-// The column pairs of Engine's accumulator, in the order for_each_pair visits them.
-template <typename Engine>
-__host__ __device__ constexpr int accumulator_pairs() {
-  return static_cast<int>(sizeof(typename Engine::Acc) / (2 * sizeof(float)));
 }
 
 using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
@@ -296,38 +291,17 @@ __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kerne
     frozen.b[j] = {p.w2 + pairs.n0[j], d.neurons, pairs.cols[j], d.model, &p.maps.w2, pairs.n0[j]};
     lora.b[j] = {p.lora2_a + pairs.n0[j], d.neurons, pairs.cols[j], d.r2, &p.maps.lora2_a, pairs.n0[j]};
   }
-  using P = mma::Pair<T>;
-  // Which of this thread's elements of H are positive (ReLU passes their gradient), two bits per
-  // accumulator pair in for_each_pair's order, read before the products (see stage_bias).
-  constexpr int kPairs = accumulator_pairs<Engine>();
-  uint32_t positive[(2 * kPairs + 31) / 32] = {};
   typename Engine::Acc acc;
-  Engine::zero(acc);
-  {
-    int k = 0;
-    // Only the positions for_each_pair names are used here, not the (zero) values.
-    Engine::for_each_pair(acc, [&](int row, int col, float, float, int) {
-      const int j = col / PN, c = col % PN;
-      if (row < rows && c < pick(pairs.cols, j)) {
-        const int64_t n = m0 * d.neurons + pick(pairs.n0, j) + c;
-        const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
-        positive[k / 16] |= (hv.x > 0.0f ? 1u : 0u) << (2 * (k % 16));
-        positive[k / 16] |= (hv.y > 0.0f ? 2u : 0u) << (2 * (k % 16));
-      }
-      ++k;
-    });
-  }
   product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
+  using P = mma::Pair<T>;
   // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
   float sums[Engine::kSlots][2] = {};
-  int k = 0;
   Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
     const int j = col / PN, c = col % PN;
-    const uint32_t bits = positive[k / 16] >> (2 * (k % 16));
-    ++k;
     if (row >= rows || c >= pick(pairs.cols, j)) return;
     const int64_t n = m0 * d.neurons + pick(pairs.n0, j) + c;
-    const typename P::type g = P::make(bits & 1u ? v0 : 0.0f, bits & 2u ? v1 : 0.0f);
+    const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
+    const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
     *reinterpret_cast<typename P::type*>(p.dh + n + row * d.neurons) = g;
     const float2 gf = P::to_float2(g);
     sums[slot][0] += gf.x;
