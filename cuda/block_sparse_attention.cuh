@@ -179,6 +179,22 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float f
   }
 }
 
+// A thread block's (query or key) block rank, head and batch row. Thread blocks start in launch
+// order, x fastest, and a block's work depends on its rank far more than on its head: causally the
+// last query blocks and the first key blocks (and a sink's) see the most. So the rank is the
+// grid's slowest axis, and every head's heaviest blocks start in the first waves; with the rank
+// fastest, the last heads' heaviest blocks started in the last wave and ran on alone
+// (bench/RESULTS.md, session 19). Ranks and batch rows are thus bounded by 65535 each.
+struct GridItem {
+  int rank, h, b;
+};
+inline dim3 rank_major_grid(int ranks, int heads, int batch) {
+  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), static_cast<unsigned>(ranks));
+}
+__device__ __forceinline__ GridItem rank_major_item() {
+  return {static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y)};
+}
+
 // Copies the entries of a block list that lie in [lo, hi] into shared memory (warp 0, in list
 // order) and returns how many there are to every thread. Entries outside the range hold no
 // visible key (causality) or are not valid block numbers; a count beyond the capacity is clamped.
@@ -285,7 +301,8 @@ __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
-  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridItem item = rank_major_item();
+  const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
@@ -422,7 +439,7 @@ void launch_forward(const AttentionForwardArgs& a) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)),
              "attention forward shared memory");
-  const dim3 grid(p.n_q, p.heads, static_cast<unsigned>(a.q.size(0)));
+  const dim3 grid = rank_major_grid(p.n_q, p.heads, static_cast<int>(a.q.size(0)));
   kernel<<<grid, Shape::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward kernel launch");
 }
@@ -430,10 +447,12 @@ void launch_forward(const AttentionForwardArgs& a) {
 // ---- backward -----------------------------------------------------------------------------
 
 struct BackwardParams {
-  Operand q, k, v, pk, pv, dout;
+  Operand q, k, v, pk, pv, dout, out;
   Output dq, dk, dv, dpk, dpv;
-  const float* lse;    // [B, H, S]
-  const float* delta;  // [B, H, S], rowsum(dout * out)
+  const float* lse;  // [B, H, S]
+  // [B, H, S], rowsum(dout * out): written by the delta pass (or on Hopper by the dQ pass, which
+  // then runs first), read by the dK/dV pass and, from the delta pass, by the mma.sync dQ pass.
+  float* delta;
   const int32_t* counts;     // the layout (kv blocks per query block), for dQ
   const int32_t* indices;
   const int32_t* t_counts;   // the layout transposed (query blocks per key block), for dK/dV
@@ -453,12 +472,12 @@ struct KeyBlockQueries {
 };
 
 template <int BLK, int THREADS>
-__device__ __forceinline__ KeyBlockQueries key_block_queries(const BackwardParams& p, int b, int h, int* s_list,
+__device__ __forceinline__ KeyBlockQueries key_block_queries(const BackwardParams& p, int rank, int b, int h, int* s_list,
                                                             int* s_count) {
   const int n_prefix_blocks = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
   KeyBlockQueries w;
-  w.is_prefix = static_cast<int>(blockIdx.x) < n_prefix_blocks;
-  w.kb = w.is_prefix ? blockIdx.x : blockIdx.x - n_prefix_blocks;
+  w.is_prefix = rank < n_prefix_blocks;
+  w.kb = w.is_prefix ? rank : rank - n_prefix_blocks;
   if (w.is_prefix) {
     for (int i = threadIdx.x; i < p.n_q; i += THREADS) s_list[i] = i;
     w.n_list = p.n_q;
@@ -555,7 +574,8 @@ __global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
   int* s_list = reinterpret_cast<int*>(s_v + 2 * kBk * kLds);
   int* s_count = s_list + p.n_q;
 
-  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridItem item = rank_major_item();
+  const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
@@ -657,9 +677,10 @@ __global__ void __launch_bounds__(BLK * 2) dkv_kernel(BackwardParams p) {
   int* s_list = reinterpret_cast<int*>(s_delta + 2 * kBq);
   int* s_count = s_list + p.n_q;
 
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridItem item = rank_major_item();
+  const int h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, b, h, s_list, s_count);
+  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
   const bool is_prefix = work.is_prefix;
   const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;
@@ -776,13 +797,14 @@ inline BackwardParams backward_params(const AttentionBackwardArgs& a) {
   p.pk = operand(a.prefix_k);
   p.pv = operand(a.prefix_v);
   p.dout = operand(a.dout);
+  p.out = operand(a.out);
   p.dq = output(a.dq);
   p.dk = output(a.dk);
   p.dv = output(a.dv);
   p.dpk = output(a.dprefix_k);
   p.dpv = output(a.dprefix_v);
   p.lse = a.lse.ptr<const float>();
-  p.delta = a.ws_delta.ptr<const float>();
+  p.delta = a.ws_delta.ptr<float>();
   p.counts = a.layout.counts.ptr<const int32_t>();
   p.indices = a.layout.indices.ptr<const int32_t>();
   p.t_counts = a.ws_q_counts.ptr<const int32_t>();
@@ -830,7 +852,7 @@ void launch_backward(const AttentionBackwardArgs& a) {
                                     static_cast<int>(smem)),
                "attention dK/dV shared memory");
     const int tiles = p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
-    kernel<<<dim3(tiles, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
+    kernel<<<rank_major_grid(tiles, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dK/dV kernel launch");
   }
   {
@@ -840,7 +862,7 @@ void launch_backward(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "attention dQ shared memory");
-    kernel<<<dim3(p.n_q, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
+    kernel<<<rank_major_grid(p.n_q, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ kernel launch");
   }
 }

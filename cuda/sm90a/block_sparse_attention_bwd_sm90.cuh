@@ -1,6 +1,6 @@
 // The block-sparse causal attention backward on Hopper's wgmma (sm_90a only; contract:
 // attention.h, the same outputs as dkv_kernel and dq_kernel in block_sparse_attention.cuh, whose
-// delta pass and transposed layout this path keeps).
+// transposed layout this path keeps; delta comes from this path's dQ pass, which runs first).
 //
 // Why: the mma.sync backward holds 16 rows per warp and re-reads every operand through ldmatrix
 // for each of its four products, about twice cuDNN's time at OPT-1.3B shapes; wgmma multiplies 64
@@ -28,7 +28,8 @@
 // in 64-key segments exactly as the forward walks them (prefix first): S = Q K^T and dP = dO V^T
 // from shared memory, P and dS in registers, dQ += dS K with K read MN-major; key and value tiles
 // triple-buffered the same way (double-buffered, dQ waited for in its own iteration, where three
-// buffers would cost an SM one of its thread blocks).
+// buffers would cost an SM one of its thread blocks). Before its first tile it also takes delta =
+// rowsum(dO * O) for its rows, from the dO block it holds anyway, and writes it for dK/dV.
 //
 // Every exit of the products' registers from the tensor cores is marked by fence_registers
 // right after the wait that retires them, so the compiler keeps those registers, fragments
@@ -98,6 +99,59 @@ struct DqConfig {
   }
 };
 
+// delta = rowsum(dO * O) for a thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its
+// warp's 16), computed where the dQ pass already holds the query block's dO in shared memory, so
+// that the backward needs no pass of its own for it (0.021 ms at OPT-1.3B, 0.038 at OPT-2.7B,
+// batch 4, 2048 tokens: bench/RESULTS.md). The four threads of a quad share the two rows' 16-byte
+// pieces; O's are loaded from global memory into registers by `load`, early, and summed by `sum`
+// once dO has landed.
+template <typename T, int D, int TILE_ROWS>
+struct RowDeltas {
+  static constexpr int kPieces = D / 8, kPerLane = (2 * kPieces + 3) / 4;
+  uint4 out[kPerLane];
+
+  // Piece j of this thread: row 0 (lo) or 8 (hi) of its pair, and the column it starts at.
+  __device__ static __forceinline__ bool piece(int j, int& row_offset, int& col) {
+    const int c = static_cast<int>(threadIdx.x % 4) + 4 * j;
+    row_offset = c < kPieces ? 0 : 8;
+    col = (c % kPieces) * 8;
+    return c < 2 * kPieces;
+  }
+
+  // row_lo: the plane row of this thread's first row; rows at or past `end` read as zeros.
+  __device__ __forceinline__ void load(const T* plane, int64_t stride, int row_lo, int end) {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      int dr, col;
+      const bool live = piece(j, dr, col) && row_lo + dr < end;
+      out[j] = live ? *reinterpret_cast<const uint4*>(plane + static_cast<int64_t>(row_lo + dr) * stride + col)
+                    : uint4{0u, 0u, 0u, 0u};
+    }
+  }
+
+  // tile_row_lo: the first row's row in the panelled dO tile.
+  __device__ __forceinline__ void sum(const T* tile, int tile_row_lo, float& lo, float& hi) const {
+    lo = hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      int dr, col;
+      if (!piece(j, dr, col)) continue;
+      const uint4 g = *reinterpret_cast<const uint4*>(tile + wgmma::Panels<TILE_ROWS>::offset(tile_row_lo + dr, col));
+      const T* xs = reinterpret_cast<const T*>(&g);
+      const T* ys = reinterpret_cast<const T*>(&out[j]);
+      float acc = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc += static_cast<float>(xs[e]) * static_cast<float>(ys[e]);
+      (dr == 0 ? lo : hi) += acc;
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      lo += __shfl_xor_sync(0xffffffffu, lo, off);
+      hi += __shfl_xor_sync(0xffffffffu, hi, off);
+    }
+  }
+};
+
 template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
     dkv_kernel(BackwardParams p) {
@@ -113,9 +167,10 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   int* s_list = reinterpret_cast<int*>(s_delta + kStages * kBq);
   int* s_count = s_list + p.n_q;
 
-  const int h = blockIdx.y, b = blockIdx.z;
+  const GridItem item = rank_major_item();
+  const int h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, b, h, s_list, s_count);
+  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
   const bool is_prefix = work.is_prefix;
   const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;
@@ -303,7 +358,8 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
-  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridItem item = rank_major_item();
+  const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
@@ -328,21 +384,33 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
     }
   };
 
+  // dO is loaded even for a block with no keys to visit: its rows' delta is written all the same.
+  load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
   if (n_tiles > 0) {
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
-    load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
     issue(0);
   }
   ptx::cp_async_commit();
 
   // This thread's accumulator rows (queries) and first column (key) within each 8-column group.
-  const int i_lo = qb * BLK + group * 64 + warp * 16 + lane / 4, i_hi = i_lo + 8;
+  const int warp_row = group * 64 + warp * 16;
+  const int i_lo = qb * BLK + warp_row + lane / 4, i_hi = i_lo + 8;
   const int c = (lane % 4) * 2;
   const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
+  RowDeltas<T, D, BLK> row_deltas;
+  row_deltas.load(p.out.plane<T>(b, h), p.out.ss, i_lo, p.seq);
   const float lse_lo = backward_lse(p.lse + bh, i_lo, p.seq);
   const float lse_hi = backward_lse(p.lse + bh, i_hi, p.seq);
-  const float delta_lo = i_lo < p.seq ? p.delta[bh + i_lo] : 0.f;
-  const float delta_hi = i_hi < p.seq ? p.delta[bh + i_hi] : 0.f;
+  // dO (and tile 0) must have landed before delta, which the first dS needs anyway.
+  ptx::cp_async_wait<0>();
+  wgmma::fence_proxy();
+  __syncthreads();
+  float delta_lo, delta_hi;
+  row_deltas.sum(s_do, warp_row + lane / 4, delta_lo, delta_hi);
+  if (lane % 4 == 0) {
+    if (i_lo < p.seq) p.delta[bh + i_lo] = delta_lo;
+    if (i_hi < p.seq) p.delta[bh + i_hi] = delta_hi;
+  }
   const T* q_rows = s_q + group * 64 * 64;  // this warpgroup's 64 rows of the first panel
   const T* do_rows = s_do + group * 64 * 64;
   float dq[D / 2];
@@ -439,7 +507,6 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   wgmma::fence_registers(dsf);
   ptx::cp_async_wait<0>();
 
-  const int warp_row = group * 64 + warp * 16;
   store_warp_rows<T, D, BLK>(dq, p.scale, p.scale, s_q, warp_row, p.dq.plane<T>(b, h), p.dq.ss, qb * BLK + warp_row, p.seq);
 }
 
@@ -451,7 +518,16 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
   const int batch = static_cast<int>(a.q.size(0));
   cudaStream_t stream = stream_of(a.q.stream);
 
-  launch_delta<T, D>(a, p, stream);
+  // dQ first: it computes delta for the dK/dV pass, which reads it for every query tile it visits.
+  {
+    using C = sm90::DqConfig<D, BLK>;
+    const size_t smem = C::template smem_bytes<T>(p.n_q);
+    auto kernel = sm90::dq_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "attention dQ (wgmma) shared memory");
+    kernel<<<rank_major_grid(p.n_q, p.heads, batch), C::kThreads, smem, stream>>>(p);
+    check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
+  }
   {
     using C = sm90::DkvConfig<D, BLK>;
     const size_t smem = C::template smem_bytes<T>(p.n_q);
@@ -459,17 +535,8 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dK/dV (wgmma) shared memory");
     const int blocks = p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
-    kernel<<<dim3(blocks, p.heads, batch), C::kThreads, smem, stream>>>(p);
+    kernel<<<rank_major_grid(blocks, p.heads, batch), C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dK/dV (wgmma) kernel launch");
-  }
-  {
-    using C = sm90::DqConfig<D, BLK>;
-    const size_t smem = C::template smem_bytes<T>(p.n_q);
-    auto kernel = sm90::dq_kernel<T, D, BLK>;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               "attention dQ (wgmma) shared memory");
-    kernel<<<dim3(p.n_q, p.heads, batch), C::kThreads, smem, stream>>>(p);
-    check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
   }
 }
 

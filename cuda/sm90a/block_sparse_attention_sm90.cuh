@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
-  const int qb = p.n_q - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridItem item = rank_major_item();
+  const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
@@ -403,7 +404,7 @@ void launch_forward_sm90(const AttentionForwardArgs& a) {
   auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
-  const dim3 grid(p.n_q, p.heads, static_cast<unsigned>(a.q.size(0)));
+  const dim3 grid = rank_major_grid(p.n_q, p.heads, static_cast<int>(a.q.size(0)));
   kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
 }
