@@ -16,6 +16,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <cstdlib>
 
 #include "block_sparse_attention_launch.cuh"
 #include "cuda_check.cuh"
@@ -180,19 +182,38 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float f
 }
 
 // A thread block's (query or key) block rank, head and batch row. Thread blocks start in launch
-// order, x fastest, and a block's work depends on its rank far more than on its head: causally the
-// last query blocks and the first key blocks (and a sink's) see the most. So the rank is the
-// grid's slowest axis, and every head's heaviest blocks start in the first waves; with the rank
-// fastest, the last heads' heaviest blocks started in the last wave and ran on alone
-// (bench/RESULTS.md, session 19). Ranks and batch rows are thus bounded by 65535 each.
+// order, and a block's work depends on its rank far more than on its head: causally the last
+// query blocks and the first key blocks (and a sink's) see the most. With the rank fastest, the
+// last heads' heaviest blocks started in the last wave and ran on alone; with the rank slowest,
+// the thread blocks in flight at once spread over every head's operands, more than L2 holds
+// (bench/RESULTS.md, session 19). So the ranks go in groups of `group`, heaviest first: a group's
+// ranks of every head and batch row launch before the next group's, and each head's ranks of a
+// group side by side, sharing the query or key tiles they read.
 struct GridItem {
   int rank, h, b;
 };
-inline dim3 rank_major_grid(int ranks, int heads, int batch) {
-  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), static_cast<unsigned>(ranks));
+// The grid is (group, heads x batch rows, groups), launched x fastest; a thread block past the
+// last rank (in a short last group) has nothing to do. Every value here comes from special
+// registers and parameters, so the compiler may recompute it where needed instead of holding it.
+__device__ __forceinline__ GridItem grid_item(int group, int heads) {
+  const int pair = static_cast<int>(blockIdx.y);
+  return {static_cast<int>(blockIdx.z) * group + static_cast<int>(blockIdx.x), pair % heads, pair / heads};
 }
-__device__ __forceinline__ GridItem rank_major_item() {
-  return {static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y)};
+// The grid for `ranks` ranks and the group it takes: the variable's or the default, but all the
+// ranks in one group where more groups than the grid's z holds would be needed (attention.cpp has
+// checked that heads times batch rows fits y's 65535).
+struct RankGrid {
+  dim3 grid;
+  int group;
+};
+inline RankGrid rank_grid(int ranks, int heads, int batch) {
+  constexpr int kDefaultGroup = 8, kMaxZ = 65535;
+  const char* value = std::getenv("LONG_EXPOSURE_ATTENTION_RANK_GROUP");  // to compare orders
+  int group = std::min(value && std::atoi(value) > 0 ? std::atoi(value) : kDefaultGroup, ranks);
+  if ((ranks + group - 1) / group > kMaxZ) group = ranks;
+  const int groups = (ranks + group - 1) / group;
+  return {dim3(static_cast<unsigned>(group), static_cast<unsigned>(heads * batch), static_cast<unsigned>(groups)),
+          group};
 }
 
 // Copies the entries of a block list that lie in [lo, hi] into shared memory (warp 0, in list
@@ -278,6 +299,7 @@ struct ForwardParams {
   int heads, seq, prefix, n_q, capacity;
   bool shared_layout;
   float scale_log2;  // softmax scale times log2(e): the kernels exponentiate with exp2
+  int batch, rank_group;  // rank_grid's
 };
 
 template <int D, int BLK>
@@ -301,7 +323,8 @@ __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
-  const GridItem item = rank_major_item();
+  const GridItem item = grid_item(p.rank_group, p.heads);
+  if (item.rank >= p.n_q) return;
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
@@ -426,21 +449,23 @@ inline ForwardParams forward_params(const AttentionForwardArgs& a) {
   p.capacity = static_cast<int>(a.layout.capacity());
   p.shared_layout = a.layout.batch() == 1;
   p.scale_log2 = static_cast<float>(a.scale) * kLog2e;
+  p.batch = static_cast<int>(a.q.size(0));
   return p;
 }
 
 template <typename T, int D, int BLK>
 void launch_forward(const AttentionForwardArgs& a) {
   using Shape = ForwardShape<D, BLK>;
-  const ForwardParams p = forward_params(a);
+  ForwardParams p = forward_params(a);
 
   const size_t smem = Shape::template smem_bytes<T>(p.n_q);
   auto kernel = forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)),
              "attention forward shared memory");
-  const dim3 grid = rank_major_grid(p.n_q, p.heads, static_cast<int>(a.q.size(0)));
-  kernel<<<grid, Shape::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
+  p.rank_group = ranked.group;
+  kernel<<<ranked.grid, Shape::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward kernel launch");
 }
 
@@ -460,7 +485,15 @@ struct BackwardParams {
   int heads, seq, prefix, n_q, capacity, t_capacity;
   bool shared_layout, want_prefix;
   float scale, scale_log2;
+  int batch, rank_group;  // rank_grid's
 };
+
+// The ranks of a dK/dV grid: the prefix's key blocks (when its gradient is asked for), then the
+// sequence's.
+template <int BLK>
+__host__ __device__ __forceinline__ int key_block_ranks(const BackwardParams& p) {
+  return p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
+}
 
 // The key block a dK/dV thread block takes and its list of query blocks, in shared memory. Prefix
 // blocks come first in the grid: they read every query block, and low key blocks most query
@@ -574,7 +607,8 @@ __global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
   int* s_list = reinterpret_cast<int*>(s_v + 2 * kBk * kLds);
   int* s_count = s_list + p.n_q;
 
-  const GridItem item = rank_major_item();
+  const GridItem item = grid_item(p.rank_group, p.heads);
+  if (item.rank >= p.n_q) return;
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
@@ -677,7 +711,8 @@ __global__ void __launch_bounds__(BLK * 2) dkv_kernel(BackwardParams p) {
   int* s_list = reinterpret_cast<int*>(s_delta + 2 * kBq);
   int* s_count = s_list + p.n_q;
 
-  const GridItem item = rank_major_item();
+  const GridItem item = grid_item(p.rank_group, p.heads);
+  if (item.rank >= key_block_ranks<BLK>(p)) return;
   const int h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
@@ -820,6 +855,7 @@ inline BackwardParams backward_params(const AttentionBackwardArgs& a) {
   p.want_prefix = a.dprefix_k.defined() && p.prefix > 0;
   p.scale = static_cast<float>(a.scale);
   p.scale_log2 = p.scale * kLog2e;
+  p.batch = static_cast<int>(a.q.size(0));
   return p;
 }
 
@@ -839,8 +875,7 @@ void launch_delta(const AttentionBackwardArgs& a, const BackwardParams& p, cudaS
 
 template <typename T, int D, int BLK>
 void launch_backward(const AttentionBackwardArgs& a) {
-  const BackwardParams p = backward_params(a);
-  const int batch = static_cast<int>(a.q.size(0));
+  BackwardParams p = backward_params(a);
   cudaStream_t stream = stream_of(a.q.stream);
   launch_delta<T, D>(a, p, stream);
 
@@ -851,8 +886,9 @@ void launch_backward(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "attention dK/dV shared memory");
-    const int tiles = p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
-    kernel<<<rank_major_grid(tiles, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
+    const RankGrid ranked = rank_grid(key_block_ranks<BLK>(p), p.heads, p.batch);
+    p.rank_group = ranked.group;
+    kernel<<<ranked.grid, Shape::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dK/dV kernel launch");
   }
   {
@@ -862,7 +898,9 @@ void launch_backward(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "attention dQ shared memory");
-    kernel<<<rank_major_grid(p.n_q, p.heads, batch), Shape::kThreads, smem, stream>>>(p);
+    const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
+    p.rank_group = ranked.group;
+    kernel<<<ranked.grid, Shape::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ kernel launch");
   }
 }

@@ -48,13 +48,9 @@ AttentionDims check_common(const TensorView& q, const TensorView& k, const Tenso
   return dims;
 }
 
-// The CUDA kernels take (head, batch row, block rank) as their grid's x, y and z, whose y and z
-// stop at 65535; the ranks are the query blocks and, in the backward, the prefix's key blocks too.
-void check_cuda_grid(const TensorView& q, int64_t block, int64_t prefix) {
-  constexpr int64_t kLimit = 65535;
-  require(q.size(0) <= kLimit, "the CUDA attention kernels take at most 65535 batch rows");
-  require(ceil_div(q.size(2), block) + ceil_div(prefix, block) <= kLimit,
-          "the CUDA attention kernels take at most 65535 blocks of sequence and prefix");
+// The CUDA kernels' grids take (head, batch row) pairs as y, which stops at 65535.
+void check_cuda_grid(const TensorView& q) {
+  require(q.size(0) * q.size(1) <= 65535, "the CUDA attention kernels take at most 65535 heads times batch rows");
 }
 
 }  // namespace
@@ -91,7 +87,7 @@ void attention_forward(const AttentionForwardArgs& args) {
     check_layout_contents(args.layout, ceil_div(args.q.size(2), args.layout.block));
     attention_forward_cpu(args);
   } else {
-    check_cuda_grid(args.q, args.layout.block, args.prefix_k.defined() ? args.prefix_k.size(2) : 0);
+    check_cuda_grid(args.q);
     attention_forward_cuda(args);
   }
 }
@@ -102,7 +98,7 @@ void attention_backward(const AttentionBackwardArgs& args) {
     check_layout_contents(args.layout, ceil_div(args.q.size(2), args.layout.block));
     attention_backward_cpu(args);
   } else {
-    check_cuda_grid(args.q, args.layout.block, args.prefix_k.defined() ? args.prefix_k.size(2) : 0);
+    check_cuda_grid(args.q);
     attention_backward_cuda(args);
   }
 }

@@ -100,57 +100,33 @@ struct DqConfig {
 };
 
 // delta = rowsum(dO * O) for a thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its
-// warp's 16), computed where the dQ pass already holds the query block's dO in shared memory, so
-// that the backward needs no pass of its own for it (0.021 ms at OPT-1.3B, 0.038 at OPT-2.7B,
-// batch 4, 2048 tokens: bench/RESULTS.md). The four threads of a quad share the two rows' 16-byte
-// pieces; O's are loaded from global memory into registers by `load`, early, and summed by `sum`
-// once dO has landed.
-template <typename T, int D, int TILE_ROWS>
-struct RowDeltas {
-  static constexpr int kPieces = D / 8, kPerLane = (2 * kPieces + 3) / 4;
-  uint4 out[kPerLane];
-
-  // Piece j of this thread: row 0 (lo) or 8 (hi) of its pair, and the column it starts at.
-  __device__ static __forceinline__ bool piece(int j, int& row_offset, int& col) {
-    const int c = static_cast<int>(threadIdx.x % 4) + 4 * j;
-    row_offset = c < kPieces ? 0 : 8;
-    col = (c % kPieces) * 8;
-    return c < 2 * kPieces;
+// warp's 16), taken where the dQ pass already holds the query block's dO in shared memory, so that
+// the backward needs no pass of its own for it (0.021 ms at OPT-1.3B, 0.038 at OPT-2.7B, batch 4,
+// 2048 tokens: bench/RESULTS.md). O comes through shared memory as well: held in registers across
+// the loads' wait, it pushed the 64-row dQ kernel past its register budget. The four threads of a
+// quad share the two rows' 16-byte pieces. do_row and o_row: the first row's row in each tile.
+template <typename T, int D, int DO_ROWS, int O_ROWS>
+__device__ __forceinline__ void row_deltas(const T* s_do, int do_row, const T* s_o, int o_row, float& lo, float& hi) {
+  constexpr int kPieces = D / 8;
+  lo = hi = 0.f;
+#pragma unroll
+  for (int c = static_cast<int>(threadIdx.x % 4); c < 2 * kPieces; c += 4) {
+    const int dr = c < kPieces ? 0 : 8, col = (c % kPieces) * 8;
+    const uint4 x = *reinterpret_cast<const uint4*>(s_do + wgmma::Panels<DO_ROWS>::offset(do_row + dr, col));
+    const uint4 y = *reinterpret_cast<const uint4*>(s_o + wgmma::Panels<O_ROWS>::offset(o_row + dr, col));
+    const T* xs = reinterpret_cast<const T*>(&x);
+    const T* ys = reinterpret_cast<const T*>(&y);
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += static_cast<float>(xs[e]) * static_cast<float>(ys[e]);
+    (dr == 0 ? lo : hi) += acc;
   }
-
-  // row_lo: the plane row of this thread's first row; rows at or past `end` read as zeros.
-  __device__ __forceinline__ void load(const T* plane, int64_t stride, int row_lo, int end) {
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      int dr, col;
-      const bool live = piece(j, dr, col) && row_lo + dr < end;
-      out[j] = live ? *reinterpret_cast<const uint4*>(plane + static_cast<int64_t>(row_lo + dr) * stride + col)
-                    : uint4{0u, 0u, 0u, 0u};
-    }
+  for (int off = 1; off <= 2; off <<= 1) {
+    lo += __shfl_xor_sync(0xffffffffu, lo, off);
+    hi += __shfl_xor_sync(0xffffffffu, hi, off);
   }
-
-  // tile_row_lo: the first row's row in the panelled dO tile.
-  __device__ __forceinline__ void sum(const T* tile, int tile_row_lo, float& lo, float& hi) const {
-    lo = hi = 0.f;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      int dr, col;
-      if (!piece(j, dr, col)) continue;
-      const uint4 g = *reinterpret_cast<const uint4*>(tile + wgmma::Panels<TILE_ROWS>::offset(tile_row_lo + dr, col));
-      const T* xs = reinterpret_cast<const T*>(&g);
-      const T* ys = reinterpret_cast<const T*>(&out[j]);
-      float acc = 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc += static_cast<float>(xs[e]) * static_cast<float>(ys[e]);
-      (dr == 0 ? lo : hi) += acc;
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      lo += __shfl_xor_sync(0xffffffffu, lo, off);
-      hi += __shfl_xor_sync(0xffffffffu, hi, off);
-    }
-  }
-};
+}
 
 template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
@@ -167,7 +143,8 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   int* s_list = reinterpret_cast<int*>(s_delta + kStages * kBq);
   int* s_count = s_list + p.n_q;
 
-  const GridItem item = rank_major_item();
+  const GridItem item = grid_item(p.rank_group, p.heads);
+  if (item.rank >= key_block_ranks<BLK>(p)) return;
   const int h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
@@ -358,7 +335,8 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
-  const GridItem item = rank_major_item();
+  const GridItem item = grid_item(p.rank_group, p.heads);
+  if (item.rank >= p.n_q) return;
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
@@ -384,8 +362,14 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
     }
   };
 
-  // dO is loaded even for a block with no keys to visit: its rows' delta is written all the same.
+  // dO and O are loaded even for a block with no keys to visit: its rows' delta is written all the
+  // same. Each warpgroup's 64 rows of O go to the last stage's key or value tile, which no tile
+  // takes before the loop's first barrier.
+  auto o_rows = [&](int g) { return (g == 0 ? s_k : s_v) + (kStages - 1) * C::kTileElements; };
   load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
+#pragma unroll
+  for (int g = 0; g < C::kGroups; ++g)
+    load_panel_rows<T, D, 64, 64, kThreads>(o_rows(g), 0, p.out.plane<T>(b, h), p.out.ss, qb * BLK + 64 * g, p.seq);
   if (n_tiles > 0) {
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
     issue(0);
@@ -397,8 +381,6 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   const int i_lo = qb * BLK + warp_row + lane / 4, i_hi = i_lo + 8;
   const int c = (lane % 4) * 2;
   const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
-  RowDeltas<T, D, BLK> row_deltas;
-  row_deltas.load(p.out.plane<T>(b, h), p.out.ss, i_lo, p.seq);
   const float lse_lo = backward_lse(p.lse + bh, i_lo, p.seq);
   const float lse_hi = backward_lse(p.lse + bh, i_hi, p.seq);
   // dO (and tile 0) must have landed before delta, which the first dS needs anyway.
@@ -406,7 +388,7 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   wgmma::fence_proxy();
   __syncthreads();
   float delta_lo, delta_hi;
-  row_deltas.sum(s_do, warp_row + lane / 4, delta_lo, delta_hi);
+  row_deltas<T, D, BLK, 64>(s_do, warp_row + lane / 4, o_rows(group), warp * 16 + lane / 4, delta_lo, delta_hi);
   if (lane % 4 == 0) {
     if (i_lo < p.seq) p.delta[bh + i_lo] = delta_lo;
     if (i_hi < p.seq) p.delta[bh + i_hi] = delta_hi;
@@ -514,8 +496,7 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
 
 template <typename T, int D, int BLK>
 void launch_backward_sm90(const AttentionBackwardArgs& a) {
-  const BackwardParams p = backward_params(a);
-  const int batch = static_cast<int>(a.q.size(0));
+  BackwardParams p = backward_params(a);
   cudaStream_t stream = stream_of(a.q.stream);
 
   // dQ first: it computes delta for the dK/dV pass, which reads it for every query tile it visits.
@@ -525,7 +506,9 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dq_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dQ (wgmma) shared memory");
-    kernel<<<rank_major_grid(p.n_q, p.heads, batch), C::kThreads, smem, stream>>>(p);
+    const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
+    p.rank_group = ranked.group;
+    kernel<<<ranked.grid, C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
   }
   {
@@ -534,8 +517,9 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dkv_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dK/dV (wgmma) shared memory");
-    const int blocks = p.n_q + (p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0);
-    kernel<<<rank_major_grid(blocks, p.heads, batch), C::kThreads, smem, stream>>>(p);
+    const RankGrid ranked = rank_grid(key_block_ranks<BLK>(p), p.heads, p.batch);
+    p.rank_group = ranked.group;
+    kernel<<<ranked.grid, C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dK/dV (wgmma) kernel launch");
   }
 }

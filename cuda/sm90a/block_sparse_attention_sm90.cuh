@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
-  const GridItem item = rank_major_item();
+  const GridItem item = grid_item(p.rank_group, p.heads);
+  if (item.rank >= p.n_q) return;
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
@@ -398,14 +399,15 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 template <typename T, int D, int BLK>
 void launch_forward_sm90(const AttentionForwardArgs& a) {
   using C = sm90::Config<D, BLK>;
-  const ForwardParams p = forward_params(a);
+  ForwardParams p = forward_params(a);
 
   const size_t smem = C::template smem_bytes<T>(p.n_q);
   auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
-  const dim3 grid = rank_major_grid(p.n_q, p.heads, static_cast<int>(a.q.size(0)));
-  kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
+  p.rank_group = ranked.group;
+  kernel<<<ranked.grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
 }
 
