@@ -386,6 +386,37 @@ def test_cuda_kernels_take_strided_and_misaligned_inputs(attention_kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "local_sink"])
+def test_cuda_launch_order_leaves_every_output_unchanged(kind, attention_kernel, monkeypatch):
+    """The grids launch block ranks in groups (LONG_EXPOSURE_ATTENTION_RANK_GROUP); every group size,
+    including ones that leave the last group short or exceed the rank count, computes the same bits."""
+    shape = (2, 3, 700, 64, 64, 30)  # 11 query blocks, 12 key-block ranks with the prefix
+    B, H, S, D, block, P = shape
+    inputs, g = make_inputs(shape, torch.bfloat16, seed=24, requires_grad=False)
+    layout = make_layout(kind, B, H, S, block, g).to("cuda")
+    inputs = to_cuda(inputs)
+    dout = torch.randn(B, H, S, D, generator=g).bfloat16().cuda()
+
+    def outputs(group):
+        monkeypatch.setenv("LONG_EXPOSURE_ATTENTION_RANK_GROUP", str(group))
+        out, lse = run_op(inputs, layout, 0.125)
+        return dict(out=out, lse=lse, **grads(run_op, inputs, layout, 0.125, dout))
+
+    expected = outputs(8)
+    for group in (1, 3, 5, 12, 100):
+        for name, t in outputs(group).items():
+            assert torch.equal(t, expected[name]), f"{name} differs with rank group {group}"
+
+
+@pytest.mark.gpu
+def test_cuda_grid_limit_is_refused_with_its_reason():
+    q = torch.zeros(65536, 1, 64, 64, dtype=torch.bfloat16, device="cuda")
+    layout = random_layout(1, 1, 64, 64, 1.0, generator=torch.Generator().manual_seed(0)).to("cuda")
+    with pytest.raises(ValueError, match="at most 65535 heads times batch rows"):
+        ops.attention_forward(q, q, q, None, None, layout.counts, layout.indices, 64, 0.125)
+
+
+@pytest.mark.gpu
 def test_cuda_unsupported_configurations_run_the_reference():
     inputs, g = make_inputs((1, 2, 40, 32, 16, 0), torch.bfloat16, seed=23)
     layout = random_layout(1, 2, 40, 16, 0.5, generator=g)
