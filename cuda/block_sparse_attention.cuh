@@ -199,21 +199,18 @@ __device__ __forceinline__ GridItem grid_item(int group, int heads) {
   const int pair = static_cast<int>(blockIdx.y);
   return {static_cast<int>(blockIdx.z) * group + static_cast<int>(blockIdx.x), pair % heads, pair / heads};
 }
-// The grid for `ranks` ranks and the group it takes: the variable's or the default, but all the
-// ranks in one group where more groups than the grid's z holds would be needed (attention.cpp has
-// checked that heads times batch rows fits y's 65535).
-struct RankGrid {
-  dim3 grid;
-  int group;
-};
-inline RankGrid rank_grid(int ranks, int heads, int batch) {
+// The grid for `ranks` ranks, its group stored in the params the kernel takes: the variable's group
+// or the default, but all the ranks in one group where more groups than the grid's z holds would
+// be needed (attention.cpp has checked that heads times batch rows fits y's 65535).
+template <typename Params>
+dim3 rank_grid(Params& p, int ranks, int batch) {
   constexpr int kDefaultGroup = 8, kMaxZ = 65535;
   const char* value = std::getenv("LONG_EXPOSURE_ATTENTION_RANK_GROUP");  // to compare orders
   int group = std::min(value && std::atoi(value) > 0 ? std::atoi(value) : kDefaultGroup, ranks);
   if ((ranks + group - 1) / group > kMaxZ) group = ranks;
-  const int groups = (ranks + group - 1) / group;
-  return {dim3(static_cast<unsigned>(group), static_cast<unsigned>(heads * batch), static_cast<unsigned>(groups)),
-          group};
+  p.rank_group = group;
+  return dim3(static_cast<unsigned>(group), static_cast<unsigned>(p.heads * batch),
+              static_cast<unsigned>((ranks + group - 1) / group));
 }
 
 // Copies the entries of a block list that lie in [lo, hi] into shared memory (warp 0, in list
@@ -299,7 +296,7 @@ struct ForwardParams {
   int heads, seq, prefix, n_q, capacity;
   bool shared_layout;
   float scale_log2;  // softmax scale times log2(e): the kernels exponentiate with exp2
-  int batch, rank_group;  // rank_grid's
+  int rank_group;  // grid_item's, set by rank_grid
 };
 
 template <int D, int BLK>
@@ -449,7 +446,6 @@ inline ForwardParams forward_params(const AttentionForwardArgs& a) {
   p.capacity = static_cast<int>(a.layout.capacity());
   p.shared_layout = a.layout.batch() == 1;
   p.scale_log2 = static_cast<float>(a.scale) * kLog2e;
-  p.batch = static_cast<int>(a.q.size(0));
   return p;
 }
 
@@ -463,9 +459,8 @@ void launch_forward(const AttentionForwardArgs& a) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)),
              "attention forward shared memory");
-  const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
-  p.rank_group = ranked.group;
-  kernel<<<ranked.grid, Shape::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
+  kernel<<<grid, Shape::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward kernel launch");
 }
 
@@ -485,7 +480,7 @@ struct BackwardParams {
   int heads, seq, prefix, n_q, capacity, t_capacity;
   bool shared_layout, want_prefix;
   float scale, scale_log2;
-  int batch, rank_group;  // rank_grid's
+  int rank_group;  // grid_item's, set by rank_grid
 };
 
 // The ranks of a dK/dV grid: the prefix's key blocks (when its gradient is asked for), then the
@@ -855,7 +850,6 @@ inline BackwardParams backward_params(const AttentionBackwardArgs& a) {
   p.want_prefix = a.dprefix_k.defined() && p.prefix > 0;
   p.scale = static_cast<float>(a.scale);
   p.scale_log2 = p.scale * kLog2e;
-  p.batch = static_cast<int>(a.q.size(0));
   return p;
 }
 
@@ -886,9 +880,8 @@ void launch_backward(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "attention dK/dV shared memory");
-    const RankGrid ranked = rank_grid(key_block_ranks<BLK>(p), p.heads, p.batch);
-    p.rank_group = ranked.group;
-    kernel<<<ranked.grid, Shape::kThreads, smem, stream>>>(p);
+    const dim3 grid = rank_grid(p, key_block_ranks<BLK>(p), static_cast<int>(a.q.size(0)));
+    kernel<<<grid, Shape::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dK/dV kernel launch");
   }
   {
@@ -898,9 +891,8 @@ void launch_backward(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)),
                "attention dQ shared memory");
-    const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
-    p.rank_group = ranked.group;
-    kernel<<<ranked.grid, Shape::kThreads, smem, stream>>>(p);
+    const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
+    kernel<<<grid, Shape::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ kernel launch");
   }
 }

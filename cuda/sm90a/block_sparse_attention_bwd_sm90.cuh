@@ -506,9 +506,8 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dq_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dQ (wgmma) shared memory");
-    const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
-    p.rank_group = ranked.group;
-    kernel<<<ranked.grid, C::kThreads, smem, stream>>>(p);
+    const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
+    kernel<<<grid, C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
   }
   {
@@ -517,9 +516,8 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dkv_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dK/dV (wgmma) shared memory");
-    const RankGrid ranked = rank_grid(key_block_ranks<BLK>(p), p.heads, p.batch);
-    p.rank_group = ranked.group;
-    kernel<<<ranked.grid, C::kThreads, smem, stream>>>(p);
+    const dim3 grid = rank_grid(p, key_block_ranks<BLK>(p), static_cast<int>(a.q.size(0)));
+    kernel<<<grid, C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dK/dV (wgmma) kernel launch");
   }
 }

@@ -405,9 +405,8 @@ void launch_forward_sm90(const AttentionForwardArgs& a) {
   auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
-  const RankGrid ranked = rank_grid(p.n_q, p.heads, p.batch);
-  p.rank_group = ranked.group;
-  kernel<<<ranked.grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
+  kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
 }
 
