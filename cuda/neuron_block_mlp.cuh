@@ -34,6 +34,7 @@ constexpr int kStages = 4;
 // The shapes every kernel of one call reads, in elements.
 struct Dims {
   int64_t tokens, model, neurons, r1, r2, tile_m, block_n, capacity;
+  int tile_group;  // grouped_pair_position's
 };
 
 // The operands' tensor maps, encoded by the launcher for engines that load by TMA only; named
@@ -130,16 +131,33 @@ struct PairPieces {
 // inactive pairs cost a thread block that exits at once (false: nothing to compute), and H and dH
 // are written on active pairs only. With 128-neuron blocks and two pieces, a thread block takes
 // slots 2 x and 2 x + 1 of its tile.
+//
+// The launch order groups token tiles: a group's tiles take slot group x side by side before any
+// takes x + 1 (`group` 1: the grid's own order, each tile's slots side by side). With each tile's
+// slots side by side, the thread blocks in flight spanned a few tiles and every block of W1, which
+// then streamed from DRAM once per wave (bench/RESULTS.md, session 19: fc1 read 572 MB where
+// cuBLAS read 142).
+struct PairPosition {
+  unsigned x, y;
+};
+__device__ __forceinline__ PairPosition grouped_pair_position(unsigned group) {
+  const unsigned width = gridDim.x, linear = blockIdx.y * width + blockIdx.x;
+  const unsigned g = linear / (group * width), in_group = linear - g * group * width;
+  const unsigned height = min(group, gridDim.y - g * group);  // the last group may be short
+  return {in_group / height, g * group + in_group % height};
+}
+
 template <typename Engine>
 __device__ __forceinline__ bool active_pair_pieces(const Dims& d, const int32_t* counts, const int32_t* indices,
                                                    PairPieces<Engine::kPieces>& out) {
-  out.m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM;
+  const PairPosition at = grouped_pair_position(static_cast<unsigned>(d.tile_group));
+  out.m0 = static_cast<int64_t>(at.y) * Engine::BM;
   out.rows = d.tokens - out.m0;
   const int64_t tile = out.m0 / d.tile_m, count = counts[tile], units_per_block = d.block_n / Engine::kPieceN;
   bool any = false;
 #pragma unroll
   for (int j = 0; j < Engine::kPieces; ++j) {
-    const int64_t unit = static_cast<int64_t>(blockIdx.x) * Engine::kPieces + j, slot = unit / units_per_block;
+    const int64_t unit = static_cast<int64_t>(at.x) * Engine::kPieces + j, slot = unit / units_per_block;
     out.n0[j] = 0;
     out.cols[j] = 0;
     if (slot >= count) continue;

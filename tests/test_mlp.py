@@ -371,6 +371,31 @@ def test_cuda_kernel_at_model_scale(mlp_kernel):
 
 
 @pytest.mark.gpu
+def test_cuda_tile_groups_leave_every_output_unchanged(mlp_kernel, monkeypatch):
+    """fc1 and dH launch token tiles in groups (LONG_EXPOSURE_MLP_TILE_GROUP); every group size,
+    including ones that leave the last group short or exceed the tile count, computes the same bits."""
+    shape = (1000, 256, 1024, 128, 128)  # 8 token tiles, the last ragged
+    mask = random_mlp_mask(shape[0], shape[2], shape[3], shape[4], 0.6, generator=torch.Generator().manual_seed(8))
+    inputs, _ = make_inputs(shape, torch.bfloat16, 1.0, seed=9)
+    inputs = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if v is not None else None) for k, v in inputs.items()}
+    mask = mask.to("cuda")
+    g = torch.Generator().manual_seed(10)
+    dy = torch.randn(shape[0], shape[1], generator=g).bfloat16().cuda()
+    dv2 = torch.randn(shape[0], 3, generator=g).bfloat16().cuda()
+
+    def outputs(group):
+        monkeypatch.setenv("LONG_EXPOSURE_MLP_TILE_GROUP", str(group))
+        y, h, v2 = run_op(inputs, mask)
+        h = torch.where(active_entries(mask, shape[0], shape[2]), h, torch.zeros((), dtype=h.dtype, device="cuda"))
+        return dict(y=y, h=h, v2=v2, **grads(run_op, inputs, mask, dy, dv2))
+
+    expected = outputs(1)
+    for group in (2, 3, 8, 50):
+        for name, t in outputs(group).items():
+            assert torch.equal(t, expected[name]), f"{name} differs with tile group {group}"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tile_m", [(torch.float32, 64), (torch.bfloat16, 16)])
 def test_cuda_calls_the_kernels_cannot_take_run_the_reference(dtype, tile_m):
     shape = (50, 24, 96, tile_m, 32)
