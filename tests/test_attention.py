@@ -409,6 +409,36 @@ def test_cuda_launch_order_leaves_every_output_unchanged(kind, attention_kernel,
 
 
 @pytest.mark.gpu
+def test_cuda_dependent_launch_gives_the_same_bits_eager_and_captured(monkeypatch):
+    """LONG_EXPOSURE_ATTENTION_PDL=1 lets dK/dV launch before dQ ends; it must wait for dQ's delta."""
+    shape = (2, 4, 1024, 64, 64, 0)
+    B, H, S, D, block, P = shape
+    inputs, g = make_inputs(shape, torch.bfloat16, seed=25, requires_grad=False)
+    layout = make_layout("local_sink", B, H, S, block, g).to("cuda")
+    inputs = to_cuda(inputs)
+    dout = torch.randn(B, H, S, D, generator=g).bfloat16().cuda()
+    monkeypatch.setenv("LONG_EXPOSURE_ATTENTION_PDL", "0")
+    expected = grads(run_op, inputs, layout, 0.125, dout)
+    monkeypatch.setenv("LONG_EXPOSURE_ATTENTION_PDL", "1")
+    eager = grads(run_op, inputs, layout, 0.125, dout)
+    leaves = [inputs[n] for n in ("q", "k", "v")]
+
+    def step():
+        out = run_op(inputs, layout, 0.125)[0]
+        return torch.autograd.grad(out, leaves, dout)
+
+    step()  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, t in zip(("q", "k", "v"), captured):
+        assert torch.equal(eager[name], expected[name]), f"grad {name} differs eagerly"
+        assert torch.equal(t, expected[name]), f"grad {name} differs when captured"
+
+
+@pytest.mark.gpu
 def test_cuda_grid_limit_is_refused_with_its_reason():
     q = torch.zeros(65536, 1, 64, 64, dtype=torch.bfloat16, device="cuda")
     layout = random_layout(1, 1, 64, 64, 1.0, generator=torch.Generator().manual_seed(0)).to("cuda")

@@ -50,6 +50,7 @@
 
 #include "block_sparse_attention.cuh"
 #include "block_sparse_attention_sm90.cuh"
+#include "kernel_choice.cuh"
 #include "wgmma_attention.cuh"
 
 namespace long_exposure {
@@ -98,6 +99,14 @@ struct DqConfig {
            (n_q + 4) * sizeof(int);
   }
 };
+
+// Programmatic dependent launch (LONG_EXPOSURE_ATTENTION_PDL=1; not yet measured): the dK/dV grid
+// may launch once every dQ thread block has started, so that its thread blocks take the SMs that
+// dQ's last wave leaves and run their prologue (list, K and V, the first query tile) before dQ has
+// finished. They wait for dQ's completion, and its delta, only where they first read delta.
+// Without the launch attribute both instructions do nothing.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_prerequisite_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 // delta = rowsum(dO * O) for a thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its
 // warp's 16), taken where the dQ pass already holds the query block's dO in shared memory, so that
@@ -181,6 +190,11 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_v, 0, is_prefix ? p.pv.plane<T>(b, h) : p.v.plane<T>(b, h),
                                               is_prefix ? p.pv.ss : p.v.ss, kb * BLK, key_limit);
     issue(0);
+  }
+  // Every thread block waits, including one with nothing to do: the grid's completion then implies
+  // dQ's, which whatever follows in the stream relies on.
+  wait_for_prerequisite_grid();
+  if (n_tiles > 0) {
     if (threadIdx.x < kBq) {
       float lse, delta;
       fetch_rows(0, lse, delta);
@@ -334,6 +348,7 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   int* s_list = reinterpret_cast<int*>(s_v + kStages * C::kTileElements);
   int* s_count = s_list + p.n_q;
 
+  allow_dependent_launch();
   // The last query blocks see the most keys; starting them first evens out the tail.
   const GridItem item = grid_item(p.rank_group, p.heads);
   if (item.rank >= p.n_q) return;
@@ -516,9 +531,17 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dkv_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dK/dV (wgmma) shared memory");
-    const dim3 grid = rank_grid(p, key_block_ranks<BLK>(p), static_cast<int>(a.q.size(0)));
-    kernel<<<grid, C::kThreads, smem, stream>>>(p);
-    check_cuda(cudaGetLastError(), "attention dK/dV (wgmma) kernel launch");
+    cudaLaunchConfig_t config{};
+    config.gridDim = rank_grid(p, key_block_ranks<BLK>(p), static_cast<int>(a.q.size(0)));
+    config.blockDim = dim3(C::kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attribute;
+    config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "1") ? 1 : 0;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
   }
 }
 
