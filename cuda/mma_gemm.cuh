@@ -232,6 +232,7 @@ struct Engine {
   static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = Cfg::kThreads;
   static constexpr int kMinBlocks = 1;
+  static constexpr bool kPersistent = false;  // one tile per thread block
   static constexpr int kSlots = Cfg::NI;  // column pairs each thread holds
   static constexpr int shared_bytes() { return Cfg::template shared_bytes<T>(); }
   struct Acc {

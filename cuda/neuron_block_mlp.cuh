@@ -93,33 +93,64 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
 template <typename Engine>
 struct EpilogueShared {
   static constexpr int kOffset = Engine::shared_bytes();  // past the ring
-  static constexpr int kBytes = Engine::BN * static_cast<int>(sizeof(float));
+  // A persistent engine's consumers stage the next tile's bias while slower ones may still read
+  // this tile's: two buffers, used in turn.
+  static constexpr int kBuffers = Engine::kPersistent ? 2 : 1;
+  static constexpr int kBytes = kBuffers * Engine::BN * static_cast<int>(sizeof(float));
+  __device__ static __forceinline__ float* buffer(unsigned char* shared, int i) {
+    return reinterpret_cast<float*>(shared + kOffset) + (i % kBuffers) * Engine::BN;
+  }
 };
 
-// s_bias[col] = bias[base(col)] for each of the thread block's BN output columns, zero where
-// column_base gives a negative base (past the tensor, or no bias); ends with a barrier.
-template <typename Engine, typename T, typename ColumnBase>
-__device__ __forceinline__ float* stage_bias(unsigned char* shared, const T* bias, ColumnBase column_base) {
-  float* s_bias = reinterpret_cast<float*>(shared + EpilogueShared<Engine>::kOffset);
-  for (int col = threadIdx.x; col < Engine::BN; col += Engine::kThreads) {
-    const int64_t base = bias ? column_base(col) : -1;
+// s_bias[col] for each of the tile's BN output columns: the work's bias at bias_column(tile, col),
+// zero where that is negative (past the tensor) or the work has no bias; `threads` threads from
+// `thread` share the columns, and the caller puts the barrier after.
+template <typename Engine, typename Work>
+__device__ __forceinline__ void stage_bias(float* s_bias, const Work& work, const typename Work::Tile& t, int thread,
+                                           int threads) {
+  const auto* bias = work.bias();
+  for (int col = thread; col < Engine::BN; col += threads) {
+    const int64_t base = bias ? work.bias_column(t, col) : -1;
     s_bias[col] = base >= 0 ? static_cast<float>(bias[base]) : 0.0f;
   }
-  __syncthreads();
-  return s_bias;
 }
 
 using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 
-// The kernels take an Engine (mma::Engine or, on sm_90a, wgmma::Engine): a BM x BN block tile
+// The kernels take an Engine (mma::Engine or, on sm_90a, a wgmma engine): a BM x BN block tile
 // whose B side is kPieces operands of kPieceN columns, its accumulator, the chunk loop and the
-// accumulator visitor.
+// accumulator visitor. Each of the four products is a Work: the grid of output tiles it spans
+// (width x height, numbered linearly), and per tile its operands chunk by chunk, its bias and its
+// epilogue. An engine with kPersistent runs the whole grid itself (Engine::run); any other takes
+// one tile per thread block (run_tile).
+//
+// A Work provides:
+//   static width(params), height(params) the grid, in tiles (height counts BM-token rows of them);
+//   tile(linear, Tile&) -> bool         the tile's operands; false: nothing to compute there;
+//   chunks(tile), chunk(tile, i)        its K loop;
+//   bias(), bias_column(tile, col)      kBiased works only;
+//   epilogue(tile, acc, s_bias)         its stores.
 
-// The output of an fc1 or dH thread block: BM tokens from m0 (rows of them inside the tensor),
-// and per B piece j, kPieceN neurons from n0[j], cols[j] of them inside the tensor; cols[j] = 0
-// marks a padding piece, whose slot is past the tile's count or whose neurons are past d_ffn.
-// Neuron indices are 32-bit (the entry points require d_ffn < 2^31): the epilogues keep these
-// live beside the accumulator, where every register counts.
+template <typename Engine>
+__host__ __device__ __forceinline__ unsigned token_tiles(const Dims& d) {
+  return static_cast<unsigned>((d.tokens + Engine::BM - 1) / Engine::BM);
+}
+// Each mask slot splits into block_n / kPieceN units, and a tile takes kPieces of them.
+template <typename Engine>
+__host__ __device__ __forceinline__ unsigned pair_width(const Dims& d) {
+  return static_cast<unsigned>((d.capacity * (d.block_n / Engine::kPieceN) + Engine::kPieces - 1) / Engine::kPieces);
+}
+// BN-column tiles of two outputs side by side: `first` columns, then `second` ones.
+template <typename Engine>
+__host__ __device__ __forceinline__ unsigned column_width(int64_t first, int64_t second) {
+  return static_cast<unsigned>((first + Engine::BN - 1) / Engine::BN + (second + Engine::BN - 1) / Engine::BN);
+}
+
+// The output of an fc1 or dH tile: BM tokens from m0 (rows of them inside the tensor), and per B
+// piece j, kPieceN neurons from n0[j], cols[j] of them inside the tensor; cols[j] = 0 marks a
+// padding piece, whose slot is past the tile's count or whose neurons are past d_ffn. Neuron
+// indices are 32-bit (the entry points require d_ffn < 2^31): the epilogues keep these live
+// beside the accumulator, where every register counts.
 template <int PIECES>
 struct PairPieces {
   int64_t m0, rows;
@@ -127,30 +158,29 @@ struct PairPieces {
 };
 
 // Each active block of a tile splits into block_n / kPieceN units of kPieceN neurons, numbered
-// slot by slot; thread block x takes units kPieces x onwards. Grids span slots, not blocks, so
-// inactive pairs cost a thread block that exits at once (false: nothing to compute), and H and dH
-// are written on active pairs only. With 128-neuron blocks and two pieces, a thread block takes
-// slots 2 x and 2 x + 1 of its tile.
+// slot by slot; output tile x takes units kPieces x onwards. Grids span slots, not blocks, so
+// inactive pairs cost a tile that is skipped at once, and H and dH are written on active pairs
+// only. With 128-neuron blocks and two pieces, tile x takes slots 2 x and 2 x + 1 of its tokens.
 //
-// The launch order groups token tiles: a group's tiles take slot group x side by side before any
-// takes x + 1 (`group` 1: the grid's own order, each tile's slots side by side). With each tile's
-// slots side by side, the thread blocks in flight spanned a few tiles and every block of W1, which
-// then streamed from DRAM once per wave (bench/RESULTS.md, session 19: fc1 read 572 MB where
-// cuBLAS read 142).
+// The order groups token tiles: a group's tiles take slot group x side by side before any takes
+// x + 1 (`group` 1: each tile's slots side by side). With each tile's slots side by side, the tiles
+// in flight spanned a few token tiles and every block of W1, which then streamed from DRAM once
+// per wave (bench/RESULTS.md, session 19: fc1 read 572 MB where cuBLAS read 142).
 struct PairPosition {
   unsigned x, y;
 };
-__device__ __forceinline__ PairPosition grouped_pair_position(unsigned group) {
-  const unsigned width = gridDim.x, linear = blockIdx.y * width + blockIdx.x;
+__host__ __device__ __forceinline__ PairPosition grouped_pair_position(unsigned linear, unsigned width,
+                                                                       unsigned height, unsigned group) {
   const unsigned g = linear / (group * width), in_group = linear - g * group * width;
-  const unsigned height = min(group, gridDim.y - g * group);  // the last group may be short
-  return {in_group / height, g * group + in_group % height};
+  const unsigned left = height - g * group, rows = group < left ? group : left;  // the last group may be short
+  return {in_group / rows, g * group + in_group % rows};
 }
 
 template <typename Engine>
-__device__ __forceinline__ bool active_pair_pieces(const Dims& d, const int32_t* counts, const int32_t* indices,
-                                                   PairPieces<Engine::kPieces>& out) {
-  const PairPosition at = grouped_pair_position(static_cast<unsigned>(d.tile_group));
+__device__ __forceinline__ bool active_pair_pieces(const Dims& d, unsigned linear, const int32_t* counts,
+                                                   const int32_t* indices, PairPieces<Engine::kPieces>& out) {
+  const PairPosition at = grouped_pair_position(linear, pair_width<Engine>(d), token_tiles<Engine>(d),
+                                                static_cast<unsigned>(d.tile_group));
   out.m0 = static_cast<int64_t>(at.y) * Engine::BM;
   out.rows = d.tokens - out.m0;
   const int64_t tile = out.m0 / d.tile_m, count = counts[tile], units_per_block = d.block_n / Engine::kPieceN;
@@ -171,75 +201,82 @@ __device__ __forceinline__ bool active_pair_pieces(const Dims& d, const int32_t*
   return any;
 }
 
-// acc = A @ B^T over k (the frozen weight's product) plus A2 @ B2^T over k2 (the LoRA factors'
-// product; k2 = 0 without them), in one chunk loop so both land in one accumulator. B piece j of
-// both products gives the same output columns.
-template <typename Engine, typename T>
-__device__ __forceinline__ void product_with_lora(typename Engine::Acc& acc, const typename Engine::Chunk& frozen,
-                                                  int64_t k, const typename Engine::Chunk& lora, int64_t k2,
-                                                  unsigned char* shared) {
-  const int main_chunks = static_cast<int>((k + mma::kBK - 1) / mma::kBK);
-  const int lora_chunks = static_cast<int>((k2 + mma::kBK - 1) / mma::kBK);
-  Engine::zero(acc);
-  Engine::accumulate(acc, main_chunks + lora_chunks, [&](int i) {
-    typename Engine::Chunk c = i < main_chunks ? frozen : lora;
-    c.k0 = static_cast<int64_t>(i < main_chunks ? i : i - main_chunks) * mma::kBK;
-    return c;
-  }, shared);
+// Chunk i of A @ B^T over k (the frozen weight's product, `main` chunks) followed by A2 @ B2^T
+// over k2 (the LoRA factors'), so that both land in one accumulator; B piece j of both products
+// gives the same output columns.
+template <typename Chunk>
+__device__ __forceinline__ Chunk frozen_then_lora(const Chunk& frozen, const Chunk& lora, int main, int i) {
+  Chunk c = i < main ? frozen : lora;
+  c.k0 = static_cast<int64_t>(i < main ? i : i - main) * mma::kBK;
+  return c;
 }
+__host__ __device__ __forceinline__ int chunks_of(int64_t k) { return static_cast<int>((k + mma::kBK - 1) / mma::kBK); }
 
-// fc1 over one thread block's pieces of active pairs. grid: (mask slots x block_n / kPieceN /
-// kPieces rounded up, tokens / BM).
+// fc1 over active pairs: relu(X @ W1^T (+ U1 @ B1^T) + b1) into H.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kernel(const __grid_constant__ ForwardParams<T> p) {
-  constexpr int PN = Engine::kPieceN;
-  extern __shared__ __align__(128) unsigned char shared[];
-  const Dims& d = p.dims;
-  PairPieces<Engine::kPieces> pairs;
-  if (!active_pair_pieces<Engine>(d, p.counts, p.indices, pairs)) return;
-  const int64_t m0 = pairs.m0, rows = pairs.rows;
-  const int origin = static_cast<int>(m0);
-  typename Engine::Chunk frozen{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
-  typename Engine::Chunk lora{{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1, &p.maps.lora1_u, origin}, {}, 0};
+struct Fc1 {
+  using Chunk = typename Engine::Chunk;
+  static constexpr bool kBiased = true;
+  struct Tile {
+    PairPieces<Engine::kPieces> pairs;
+    Chunk frozen, lora;
+    int main, extra;
+  };
+  using Params = ForwardParams<T>;
+  const Params& p;
+
+  __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
+  __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
+  __device__ bool tile(unsigned linear, Tile& t) const {
+    const Dims& d = p.dims;
+    if (!active_pair_pieces<Engine>(d, linear, p.counts, p.indices, t.pairs)) return false;
+    const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
+    const int origin = static_cast<int>(m0);
+    t.frozen = Chunk{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
+    t.lora = Chunk{{p.lora1_u + m0 * d.r1, d.r1, rows, d.r1, &p.maps.lora1_u, origin}, {}, 0};
 #pragma unroll
-  for (int j = 0; j < Engine::kPieces; ++j) {
-    // A padding piece keeps a valid base (the weight's) with no rows.
-    frozen.b[j] = {p.w1 + static_cast<int64_t>(pairs.n0[j]) * d.model, d.model, pairs.cols[j], d.model, &p.maps.w1,
-                   pairs.n0[j]};
-    lora.b[j] = {p.lora1_b + static_cast<int64_t>(pairs.n0[j]) * d.r1, d.r1, pairs.cols[j], d.r1, &p.maps.lora1_b,
-                 pairs.n0[j]};
+    for (int j = 0; j < Engine::kPieces; ++j) {
+      // A padding piece keeps a valid base (the weight's) with no rows.
+      const int n0 = t.pairs.n0[j], cols = t.pairs.cols[j];
+      t.frozen.b[j] = {p.w1 + static_cast<int64_t>(n0) * d.model, d.model, cols, d.model, &p.maps.w1, n0};
+      t.lora.b[j] = {p.lora1_b + static_cast<int64_t>(n0) * d.r1, d.r1, cols, d.r1, &p.maps.lora1_b, n0};
+    }
+    t.main = chunks_of(d.model);
+    t.extra = p.lora1_u ? chunks_of(d.r1) : 0;
+    return true;
   }
-  const float* s_bias = stage_bias<Engine, T>(shared, p.b1, [&](int col) -> int64_t {
-    const int j = col / PN, c = col % PN;
-    return c < pick(pairs.cols, j) ? pick(pairs.n0, j) + c : -1;
-  });
-  typename Engine::Acc acc;
-  product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.lora1_u ? d.r1 : 0, shared);
-  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
-    const int j = col / PN, c = col % PN;
-    const int cols = pick(pairs.cols, j);
-    const int64_t n0 = pick(pairs.n0, j);
-    if (c >= cols) return;
-    store_pair(p.h + m0 * d.neurons + n0, d.neurons, rows, cols, row, c, fmaxf(v0 + s_bias[col], 0.0f),
-               fmaxf(v1 + s_bias[col + 1], 0.0f));
-  });
-}
+  __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
+  __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
+  __device__ const T* bias() const { return p.b1; }
+  __device__ int64_t bias_column(const Tile& t, int col) const {
+    const int j = col / Engine::kPieceN, c = col % Engine::kPieceN;
+    return c < pick(t.pairs.cols, j) ? pick(t.pairs.n0, j) + c : -1;
+  }
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias) const {
+    constexpr int PN = Engine::kPieceN;
+    const Dims& d = p.dims;
+    const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
+    Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
+      const int j = col / PN, c = col % PN;
+      const int cols = pick(t.pairs.cols, j);
+      const int64_t n0 = pick(t.pairs.n0, j);
+      if (c >= cols) return;
+      store_pair(p.h + m0 * d.neurons + n0, d.neurons, rows, cols, row, c, fmaxf(v0 + s_bias[col], 0.0f),
+                 fmaxf(v1 + s_bias[col + 1], 0.0f));
+    });
+  }
+};
 
 // A K loop over the active blocks of one mask tile, in chunks of kBK neurons: the same operands
 // throughout, the K offset jumping from block to block.
 template <typename Chunk>
-struct GatheredK {
-  const int32_t* list;
-  int64_t block_n;
-  int chunks_per_block;
-  Chunk chunk;
-  __device__ Chunk operator()(int i) const {
-    Chunk c = chunk;
-    c.k0 = static_cast<int64_t>(list[i / chunks_per_block]) * block_n +
-           static_cast<int64_t>(i % chunks_per_block) * mma::kBK;
-    return c;
-  }
-};
+__device__ __forceinline__ Chunk gathered_chunk(const Chunk& chunk, const int32_t* list, int64_t block_n,
+                                                int chunks_per_block, int i) {
+  Chunk c = chunk;
+  c.k0 = static_cast<int64_t>(list[i / chunks_per_block]) * block_n +
+         static_cast<int64_t>(i % chunks_per_block) * mma::kBK;
+  return c;
+}
 
 // The B pieces of BN output columns from n0 of a weight whose row n starts at weight + n *
 // n_stride (n0 + j kPieceN onwards for piece j), cols of them inside it: pieces past the end are
@@ -257,121 +294,240 @@ __device__ __forceinline__ void column_pieces(typename Engine::Chunk& chunk, con
   }
 }
 
-// fc2 and its LoRA columns over one (BM tokens, BN outputs) tile. grid.x counts the Y column
-// tiles first, then the lora2_v ones.
+// A (BM tokens, BN outputs) tile of a product summed over a mask tile's active blocks (fc2, dX):
+// its operands, its active-block list, and where its outputs go. `first` is true on the tiles of
+// the frozen weight's output (Y, dX), false on the LoRA factor's (V2, dU1).
+template <typename Chunk>
+struct GatheredTile {
+  Chunk chunk;
+  const int32_t* list;
+  int64_t m0, rows, n0, cols;
+  int n_chunks;
+  bool first;
+};
+
+// Tile `linear` of a grid whose x counts `first` columns' tiles, then `second` ones'.
+struct ColumnPosition {
+  int64_t m0, n0;
+  bool first;
+};
+template <typename Engine>
+__device__ __forceinline__ ColumnPosition column_position(unsigned linear, unsigned width, int64_t first) {
+  const unsigned x = linear % width, y = linear / width;
+  const int64_t first_tiles = (first + Engine::BN - 1) / Engine::BN;
+  const bool is_first = x < first_tiles;
+  return {static_cast<int64_t>(y) * Engine::BM, (is_first ? x : x - first_tiles) * Engine::BN, is_first};
+}
+
+// fc2 and its LoRA columns: [Y | V2] = H @ [W2 | A2]^T over the tile's active blocks, + b2 on Y.
+template <typename T, typename Engine>
+struct Fc2 {
+  using Chunk = typename Engine::Chunk;
+  static constexpr bool kBiased = true;
+  using Tile = GatheredTile<Chunk>;
+  using Params = ForwardParams<T>;
+  const Params& p;
+
+  __host__ __device__ static unsigned width(const Params& q) { return column_width<Engine>(q.dims.model, q.dims.r2); }
+  __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
+  __device__ bool tile(unsigned linear, Tile& t) const {
+    const Dims& d = p.dims;
+    const ColumnPosition at = column_position<Engine>(linear, width(p), d.model);
+    t.m0 = at.m0;
+    t.rows = d.tokens - at.m0;
+    t.n0 = at.n0;
+    t.first = at.first;
+    t.cols = (at.first ? d.model : d.r2) - at.n0;
+    t.chunk = Chunk{{p.h + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, &p.maps.h, static_cast<int>(t.m0)}, {}, 0};
+    column_pieces<Engine, T>(t.chunk, at.first ? p.w2 : p.lora2_a, at.first ? &p.maps.w2 : &p.maps.lora2_a,
+                             d.neurons, d.neurons, t.n0, t.cols, d.neurons);
+    const int64_t tile = t.m0 / d.tile_m;
+    t.list = p.indices + tile * d.capacity;
+    t.n_chunks = p.counts[tile] * static_cast<int>(d.block_n / mma::kBK);
+    return true;
+  }
+  __device__ int chunks(const Tile& t) const { return t.n_chunks; }
+  __device__ Chunk chunk(const Tile& t, int i) const {
+    return gathered_chunk(t.chunk, t.list, p.dims.block_n, static_cast<int>(p.dims.block_n / mma::kBK), i);
+  }
+  __device__ const T* bias() const { return p.b2; }
+  __device__ int64_t bias_column(const Tile& t, int col) const { return t.first && col < t.cols ? t.n0 + col : -1; }
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias) const {
+    const Dims& d = p.dims;
+    T* out = t.first ? p.y + t.m0 * d.model + t.n0 : p.lora2_v + t.m0 * d.r2 + t.n0;
+    const int64_t ld = t.first ? d.model : d.r2, rows = t.rows, cols = t.cols;
+    Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
+      if (col >= cols) return;
+      store_pair(out, ld, rows, cols, row, col, v0 + s_bias[col], v1 + s_bias[col + 1]);
+    });
+  }
+};
+
+// dH over active pairs: (dY @ W2 (+ dV2 @ A2)) * (H > 0), and its share of db1.
+template <typename T, typename Engine>
+struct Dh {
+  using Chunk = typename Engine::Chunk;
+  static constexpr bool kBiased = false;
+  using Tile = typename Fc1<T, Engine>::Tile;
+  using Params = BackwardParams<T>;
+  const Params& p;
+
+  __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
+  __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
+  __device__ bool tile(unsigned linear, Tile& t) const {
+    const Dims& d = p.dims;
+    if (!active_pair_pieces<Engine>(d, linear, p.counts, p.indices, t.pairs)) return false;
+    const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
+    // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
+    const int origin = static_cast<int>(m0);
+    t.frozen = Chunk{{p.dy + m0 * d.model, d.model, rows, d.model, &p.maps.dy, origin}, {}, 0};
+    t.lora = Chunk{{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2, &p.maps.dlora2_v, origin}, {}, 0};
+#pragma unroll
+    for (int j = 0; j < Engine::kPieces; ++j) {
+      const int n0 = t.pairs.n0[j], cols = t.pairs.cols[j];
+      t.frozen.b[j] = {p.w2 + n0, d.neurons, cols, d.model, &p.maps.w2, n0};
+      t.lora.b[j] = {p.lora2_a + n0, d.neurons, cols, d.r2, &p.maps.lora2_a, n0};
+    }
+    t.main = chunks_of(d.model);
+    t.extra = p.dlora2_v ? chunks_of(d.r2) : 0;
+    return true;
+  }
+  __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
+  __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
+  __device__ const T* bias() const { return nullptr; }
+  __device__ int64_t bias_column(const Tile&, int) const { return -1; }
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
+    constexpr int PN = Engine::kPieceN;
+    const Dims& d = p.dims;
+    const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
+    using P = mma::Pair<T>;
+    // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
+    float sums[Engine::kSlots][2] = {};
+    Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
+      const int j = col / PN, c = col % PN;
+      if (row >= rows || c >= pick(t.pairs.cols, j)) return;
+      const int64_t n = m0 * d.neurons + pick(t.pairs.n0, j) + c;
+      const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
+      const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
+      *reinterpret_cast<typename P::type*>(p.dh + n + row * d.neurons) = g;
+      const float2 gf = P::to_float2(g);
+      sums[slot][0] += gf.x;
+      sums[slot][1] += gf.y;
+    });
+    if (!p.db1_sum) return;
+    // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
+    // per column.
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int slot = 0; slot < Engine::kSlots; ++slot) {
+      float s0 = sums[slot][0], s1 = sums[slot][1];
+      for (int offset = 4; offset < 32; offset *= 2) {
+        s0 += __shfl_xor_sync(0xffffffffu, s0, offset);
+        s1 += __shfl_xor_sync(0xffffffffu, s1, offset);
+      }
+      const int col = Engine::slot_column(slot), j = col / PN, c = col % PN;
+      if (lane < 4 && c < pick(t.pairs.cols, j)) {
+        const int64_t n = pick(t.pairs.n0, j) + c;
+        atomicAdd(p.db1_sum + n, s0);
+        atomicAdd(p.db1_sum + n + 1, s1);
+      }
+    }
+  }
+};
+
+// dX and dU1: [dX | dU1] = dH @ [W1 | B1] over the tile's active blocks.
+template <typename T, typename Engine>
+struct Dx {
+  using Chunk = typename Engine::Chunk;
+  static constexpr bool kBiased = false;
+  using Tile = GatheredTile<Chunk>;
+  using Params = BackwardParams<T>;
+  const Params& p;
+
+  // dU1's tiles only where it is asked for.
+  __host__ __device__ static unsigned width(const Params& q) {
+    return column_width<Engine>(q.dims.model, q.dlora1_u ? q.dims.r1 : 0);
+  }
+  __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
+  __device__ bool tile(unsigned linear, Tile& t) const {
+    const Dims& d = p.dims;
+    const ColumnPosition at = column_position<Engine>(linear, width(p), d.model);
+    const int64_t full = at.first ? d.model : d.r1;
+    t.m0 = at.m0;
+    t.rows = d.tokens - at.m0;
+    t.n0 = at.n0;
+    t.first = at.first;
+    t.cols = full - at.n0;
+    // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
+    t.chunk = Chunk{{p.dh + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, &p.maps.dh, static_cast<int>(t.m0)}, {}, 0};
+    column_pieces<Engine, T>(t.chunk, at.first ? p.w1 : p.lora1_b, at.first ? &p.maps.w1 : &p.maps.lora1_b, 1, full,
+                             t.n0, t.cols, d.neurons);
+    const int64_t tile = t.m0 / d.tile_m;
+    t.list = p.indices + tile * d.capacity;
+    t.n_chunks = p.counts[tile] * static_cast<int>(d.block_n / mma::kBK);
+    return true;
+  }
+  __device__ int chunks(const Tile& t) const { return t.n_chunks; }
+  __device__ Chunk chunk(const Tile& t, int i) const {
+    return gathered_chunk(t.chunk, t.list, p.dims.block_n, static_cast<int>(p.dims.block_n / mma::kBK), i);
+  }
+  __device__ const T* bias() const { return nullptr; }
+  __device__ int64_t bias_column(const Tile&, int) const { return -1; }
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
+    const Dims& d = p.dims;
+    const int64_t width = t.first ? d.model : d.r1, rows = t.rows, cols = t.cols;
+    T* out = (t.first ? p.dx : p.dlora1_u) + t.m0 * width + t.n0;
+    Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
+      store_pair(out, width, rows, cols, row, col, v0, v1);
+    });
+  }
+};
+
+// One tile per thread block, numbered as the grid is.
+template <typename Engine, typename Work>
+__device__ __forceinline__ void run_tile(const Work& work, unsigned char* shared) {
+  typename Work::Tile t;
+  if (!work.tile(blockIdx.y * gridDim.x + blockIdx.x, t)) return;
+  float* s_bias = EpilogueShared<Engine>::buffer(shared, 0);
+  if constexpr (Work::kBiased) {
+    stage_bias<Engine>(s_bias, work, t, threadIdx.x, Engine::kThreads);
+    __syncthreads();
+  }
+  typename Engine::Acc acc;
+  Engine::zero(acc);
+  Engine::accumulate(acc, work.chunks(t), [&](int i) { return work.chunk(t, i); }, shared);
+  work.epilogue(t, acc, s_bias);
+}
+
+template <typename Engine, typename Work>
+__device__ __forceinline__ void run(const Work& work, unsigned char* shared) {
+  if constexpr (Engine::kPersistent)
+    Engine::run(work, shared);
+  else
+    run_tile<Engine>(work, shared);
+}
+
+// The four products' kernels. grid: (Work::width, Work::height), or for a persistent engine as
+// many thread blocks as fit at once.
+template <typename T, typename Engine>
+__global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kernel(const __grid_constant__ ForwardParams<T> p) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  run<Engine>(Fc1<T, Engine>{p}, shared);
+}
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc2_kernel(const __grid_constant__ ForwardParams<T> p) {
-  constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
-  const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM, rows = d.tokens - m0;
-  const int64_t y_tiles = (d.model + BN - 1) / BN;
-  const bool is_y = blockIdx.x < y_tiles;
-  const int64_t n0 = (is_y ? blockIdx.x : blockIdx.x - y_tiles) * BN;
-  const int64_t cols = (is_y ? d.model : d.r2) - n0;
-  typename Engine::Chunk chunk{{p.h + m0 * d.neurons, d.neurons, rows, d.neurons, &p.maps.h, static_cast<int>(m0)},
-                              {}, 0};
-  column_pieces<Engine, T>(chunk, is_y ? p.w2 : p.lora2_a, is_y ? &p.maps.w2 : &p.maps.lora2_a, d.neurons, d.neurons,
-                           n0, cols, d.neurons);
-  const int64_t tile = m0 / d.tile_m;
-  const int cpb = static_cast<int>(d.block_n / mma::kBK);
-  const int n_chunks = p.counts[tile] * cpb;
-  const float* s_bias = stage_bias<Engine, T>(shared, is_y ? p.b2 : nullptr, [&](int col) -> int64_t {
-    return col < cols ? n0 + col : -1;
-  });
-  typename Engine::Acc acc;
-  Engine::zero(acc);
-  Engine::accumulate(acc, n_chunks,
-                     GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
-  T* out = is_y ? p.y + m0 * d.model + n0 : p.lora2_v + m0 * d.r2 + n0;
-  const int64_t ld = is_y ? d.model : d.r2;
-  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
-    if (col >= cols) return;
-    store_pair(out, ld, rows, cols, row, col, v0 + s_bias[col], v1 + s_bias[col + 1]);
-  });
+  run<Engine>(Fc2<T, Engine>{p}, shared);
 }
-
-// dH over one thread block's pieces of active pairs, and their share of db1.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kernel(const __grid_constant__ BackwardParams<T> p) {
-  constexpr int PN = Engine::kPieceN;
   extern __shared__ __align__(128) unsigned char shared[];
-  const Dims& d = p.dims;
-  PairPieces<Engine::kPieces> pairs;
-  if (!active_pair_pieces<Engine>(d, p.counts, p.indices, pairs)) return;
-  const int64_t m0 = pairs.m0, rows = pairs.rows;
-  // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
-  const int origin = static_cast<int>(m0);
-  typename Engine::Chunk frozen{{p.dy + m0 * d.model, d.model, rows, d.model, &p.maps.dy, origin}, {}, 0};
-  typename Engine::Chunk lora{{p.dlora2_v + m0 * d.r2, d.r2, rows, d.r2, &p.maps.dlora2_v, origin}, {}, 0};
-#pragma unroll
-  for (int j = 0; j < Engine::kPieces; ++j) {
-    frozen.b[j] = {p.w2 + pairs.n0[j], d.neurons, pairs.cols[j], d.model, &p.maps.w2, pairs.n0[j]};
-    lora.b[j] = {p.lora2_a + pairs.n0[j], d.neurons, pairs.cols[j], d.r2, &p.maps.lora2_a, pairs.n0[j]};
-  }
-  typename Engine::Acc acc;
-  product_with_lora<Engine, T>(acc, frozen, d.model, lora, p.dlora2_v ? d.r2 : 0, shared);
-  using P = mma::Pair<T>;
-  // Column sums of the stored (rounded) dH, as the reference sums it, per column pair held.
-  float sums[Engine::kSlots][2] = {};
-  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
-    const int j = col / PN, c = col % PN;
-    if (row >= rows || c >= pick(pairs.cols, j)) return;
-    const int64_t n = m0 * d.neurons + pick(pairs.n0, j) + c;
-    const float2 hv = P::to_float2(*reinterpret_cast<const typename P::type*>(p.h + n + row * d.neurons));
-    const typename P::type g = P::make(hv.x > 0.0f ? v0 : 0.0f, hv.y > 0.0f ? v1 : 0.0f);
-    *reinterpret_cast<typename P::type*>(p.dh + n + row * d.neurons) = g;
-    const float2 gf = P::to_float2(g);
-    sums[slot][0] += gf.x;
-    sums[slot][1] += gf.y;
-  });
-  if (!p.db1_sum) return;
-  // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
-  // per column.
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int slot = 0; slot < Engine::kSlots; ++slot) {
-    float s0 = sums[slot][0], s1 = sums[slot][1];
-    for (int offset = 4; offset < 32; offset *= 2) {
-      s0 += __shfl_xor_sync(0xffffffffu, s0, offset);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, offset);
-    }
-    const int col = Engine::slot_column(slot), j = col / PN, c = col % PN;
-    if (lane < 4 && c < pick(pairs.cols, j)) {
-      const int64_t n = pick(pairs.n0, j) + c;
-      atomicAdd(p.db1_sum + n, s0);
-      atomicAdd(p.db1_sum + n + 1, s1);
-    }
-  }
+  run<Engine>(Dh<T, Engine>{p}, shared);
 }
-
-// dX and dU1 over one (BM tokens, BN outputs) tile: grid.x counts the dX tiles, then dU1's.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dx_kernel(const __grid_constant__ BackwardParams<T> p) {
-  constexpr int BN = Engine::BN;
   extern __shared__ __align__(128) unsigned char shared[];
-  const Dims& d = p.dims;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Engine::BM, rows = d.tokens - m0;
-  const int64_t x_tiles = (d.model + BN - 1) / BN;
-  const bool is_x = blockIdx.x < x_tiles;
-  const int64_t n0 = (is_x ? blockIdx.x : blockIdx.x - x_tiles) * BN;
-  const int64_t width = is_x ? d.model : d.r1, cols = width - n0;
-  // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
-  typename Engine::Chunk chunk{{p.dh + m0 * d.neurons, d.neurons, rows, d.neurons, &p.maps.dh, static_cast<int>(m0)},
-                              {}, 0};
-  column_pieces<Engine, T>(chunk, is_x ? p.w1 : p.lora1_b, is_x ? &p.maps.w1 : &p.maps.lora1_b, 1, width, n0, cols,
-                           d.neurons);
-  const int64_t tile = m0 / d.tile_m;
-  const int cpb = static_cast<int>(d.block_n / mma::kBK);
-  const int n_chunks = p.counts[tile] * cpb;
-  typename Engine::Acc acc;
-  Engine::zero(acc);
-  Engine::accumulate(acc, n_chunks,
-                     GatheredK<typename Engine::Chunk>{p.indices + tile * d.capacity, d.block_n, cpb, chunk}, shared);
-  T* out = (is_x ? p.dx : p.dlora1_u) + m0 * width + n0;
-  Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int) {
-    store_pair(out, width, rows, cols, row, col, v0, v1);
-  });
+  run<Engine>(Dx<T, Engine>{p}, shared);
 }
 
 // out[m * out_m + n * out_n] = sum over tokens t of a[t, m] * b[t, n], a [tokens, M], b [tokens, N]:

@@ -15,13 +15,6 @@ namespace neuron_block {
 
 inline unsigned pieces(int64_t n, int64_t size) { return static_cast<unsigned>((n + size - 1) / size); }
 
-// Grid width of fc1 and dH over a tile's mask slots: each slot splits into block_n / kPieceN
-// units, and a thread block takes kPieces of them (active_pair_pieces).
-template <typename Engine>
-unsigned pair_pieces(const Dims& d) {
-  return pieces(d.capacity * (d.block_n / Engine::kPieceN), Engine::kPieces);
-}
-
 template <typename T>
 const T* ptr_or_null(const TensorView& v) {
   return v.defined() ? v.ptr<const T>() : nullptr;
@@ -31,9 +24,8 @@ T* out_or_null(const TensorView& v) {
   return v.defined() ? v.ptr<T>() : nullptr;
 }
 
-// The token tiles fc1 and dH launch together (grouped_pair_position); 1, the grid's own order,
-// unless LONG_EXPOSURE_MLP_TILE_GROUP names another (not yet measured: session 19 had no device
-// time left).
+// The token tiles fc1 and dH take together (grouped_pair_position); 1, each tile's slots side by
+// side, unless LONG_EXPOSURE_MLP_TILE_GROUP names another.
 inline int tile_group() {
   const char* value = std::getenv("LONG_EXPOSURE_MLP_TILE_GROUP");
   const int chosen = value ? std::atoi(value) : 0;
@@ -54,11 +46,20 @@ inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& ma
               tile_group()};
 }
 
-// grid: (width, the token count in pieces of Engine::BM).
-template <typename Engine, typename Kernel, typename Params>
-void launch(Kernel kernel, unsigned width, cudaStream_t stream, int device, const Params& params, const char* name) {
-  const dim3 grid(width, pieces(params.dims.tokens, Engine::BM));
-  if (grid.x == 0 || grid.y == 0) return;
+// One of the four products: grid (Work::width, Work::height) of one tile each, or for a
+// persistent engine one row of as many thread blocks as the SMs hold at once, capped at the tiles.
+template <typename Engine, template <typename, typename> class Work, typename T, typename Kernel, typename Params>
+void launch(Kernel kernel, cudaStream_t stream, int device, const Params& params, const char* name) {
+  using W = Work<T, Engine>;
+  const unsigned width = W::width(params), height = W::height(params);
+  if (width == 0 || height == 0) return;
+  dim3 grid(width, height);
+  if constexpr (Engine::kPersistent) {
+    static int sms = 0;  // per process: the library drives one kind of device at a time
+    if (sms == 0) check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), name);
+    const uint64_t tiles = static_cast<uint64_t>(width) * height, resident = static_cast<uint64_t>(sms) * Engine::kMinBlocks;
+    grid = dim3(static_cast<unsigned>(tiles < resident ? tiles : resident));
+  }
   constexpr int bytes = Engine::shared_bytes() + EpilogueShared<Engine>::kBytes;
   reserve_shared_memory(kernel, bytes, device, name);
   kernel<<<grid, Engine::kThreads, bytes, stream>>>(params);
@@ -123,11 +124,10 @@ void forward_with(const MlpForwardArgs& a) {
   if constexpr (Wide1::kLoadsByTma) p.maps = forward_maps<Wide1>(p);
   static_assert(Wide1::kPieceN == 128, "the wide engine's pieces must divide the blocks it takes (multiples of 128)");
   if (d.block_n % 128 == 0)
-    launch<Wide1>(fc1_kernel<T, Wide1>, pair_pieces<Wide1>(d), stream, device, p, "neuron-block MLP fc1");
+    launch<Wide1, Fc1, T>(fc1_kernel<T, Wide1>, stream, device, p, "neuron-block MLP fc1");
   else
-    launch<Narrow1>(fc1_kernel<T, Narrow1>, pair_pieces<Narrow1>(d), stream, device, p, "neuron-block MLP fc1");
-  launch<Wide1>(fc2_kernel<T, Wide1>, pieces(d.model, Wide1::BN) + pieces(d.r2, Wide1::BN), stream, device, p,
-                "neuron-block MLP fc2");
+    launch<Narrow1, Fc1, T>(fc1_kernel<T, Narrow1>, stream, device, p, "neuron-block MLP fc1");
+  launch<Wide1, Fc2, T>(fc2_kernel<T, Wide1>, stream, device, p, "neuron-block MLP fc2");
 }
 
 template <typename T, template <typename, bool> class Wide>
@@ -153,12 +153,10 @@ void backward_with(const MlpBackwardArgs& a) {
   if constexpr (Wide2::kLoadsByTma) p.maps = backward_maps<Wide2>(p);
   static_assert(Wide2::kPieceN == 128, "the wide engine's pieces must divide the blocks it takes (multiples of 128)");
   if (d.block_n % 128 == 0)
-    launch<Wide2>(dh_kernel<T, Wide2>, pair_pieces<Wide2>(d), stream, device, p, "neuron-block MLP dH");
+    launch<Wide2, Dh, T>(dh_kernel<T, Wide2>, stream, device, p, "neuron-block MLP dH");
   else
-    launch<Narrow2>(dh_kernel<T, Narrow2>, pair_pieces<Narrow2>(d), stream, device, p, "neuron-block MLP dH");
-  const unsigned u1_tiles = p.dlora1_u ? pieces(d.r1, Wide2::BN) : 0;
-  launch<Wide2>(dx_kernel<T, Wide2>, pieces(d.model, Wide2::BN) + u1_tiles, stream, device, p,
-                "neuron-block MLP dX");
+    launch<Narrow2, Dh, T>(dh_kernel<T, Narrow2>, stream, device, p, "neuron-block MLP dH");
+  launch<Wide2, Dx, T>(dx_kernel<T, Wide2>, stream, device, p, "neuron-block MLP dX");
 
   auto token_sum = [&](const T* x, const T* y, int64_t m, int64_t n, T* out, int64_t out_m, int64_t out_n) {
     const dim3 grid(pieces(m, LoraGradConfig::BM), pieces(n, LoraGradConfig::BN));

@@ -107,6 +107,7 @@ struct Engine {
   static constexpr bool kLoadsByTma = false;
   static constexpr int kThreads = wgmma::kThreads * WG_M * WG_N;
   static constexpr int kMinBlocks = 1;  // thread blocks per SM the kernels are compiled for
+  static constexpr bool kPersistent = false;  // one tile per thread block
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<kN, mma::kBK>, PanelTile<mma::kBK>>;
   // Both tile sizes are multiples of 1024 bytes, so every tile of the ring keeps the alignment.

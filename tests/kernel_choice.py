@@ -8,7 +8,8 @@ def kernel_choice(variable: str, alternatives=("mma",)):
     Hopper) and on each alternative that `variable` can name: the portable mma.sync kernels
     ("mma"), and for the MLP the wgmma kernels fed by cp.async instead of TMA ("cp-async") and the
     64-token tiles on one thread block per SM with a deeper ring ("tma-deep"), and 128-token tiles as
-    128 x 256 products on one thread block per SM ("tma-128x256")."""
+    128 x 256 products on one thread block per SM, one tile each ("tma-128x256") or walking the whole
+    grid with a producer warpgroup ("persistent")."""
 
     @pytest.fixture(params=["default", *alternatives])
     def fixture(request, monkeypatch):

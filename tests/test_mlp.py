@@ -341,7 +341,7 @@ def check_cuda_kernel(shape, dtype, mask, lora_rank, bias, seed):
         assert_within_twice_reference(ours[name], theirs[name], fp32_grads[name], f"grad {name}", floor=1e-3 * scale)
 
 
-mlp_kernel = kernel_choice("LONG_EXPOSURE_MLP_KERNEL", alternatives=("mma", "cp-async", "tma-deep", "tma-128x256"))
+mlp_kernel = kernel_choice("LONG_EXPOSURE_MLP_KERNEL", alternatives=("mma", "cp-async", "tma-deep", "tma-128x256", "persistent"))
 
 
 @pytest.mark.gpu
@@ -357,8 +357,8 @@ def test_cuda_kernels_within_twice_reference_error(shape, density, dtype, mlp_ke
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["stripes", "first", "empty_tiles", "last"])
 @pytest.mark.parametrize("lora_rank,bias", [(0, False), (4, True), (8, False)])
-def test_cuda_kernels_on_structured_masks(pattern, lora_rank, bias, mlp_kernel):
-    shape = CUDA_SHAPES[1]
+@pytest.mark.parametrize("shape", [CUDA_SHAPES[1], CUDA_SHAPES[4]])  # 64- and 128-token tiles
+def test_cuda_kernels_on_structured_masks(pattern, lora_rank, bias, shape, mlp_kernel):
     check_cuda_kernel(shape, torch.bfloat16, structured_mlp_mask(shape, pattern), lora_rank, bias, seed=21)
 
 

@@ -3,6 +3,7 @@
 
 #include "kernel_choice.cuh"
 #include "neuron_block_mlp_launch.cuh"
+#include "persistent_mlp_engine.cuh"
 #include "wgmma_gemm.cuh"
 #include "wgmma_tma_gemm.cuh"
 
@@ -28,6 +29,8 @@ using Tma64x256Pair = wgmma::TmaEngine<T, B_KMAJOR, 2, 1, 2, 2>;
 template <typename T, bool B_KMAJOR>
 using Tma128x128Pair = wgmma::TmaEngine<T, B_KMAJOR, 3, 2, 1, 2>;
 template <typename T, bool B_KMAJOR>
+using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 4>;
+template <typename T, bool B_KMAJOR>
 using CpAsync64x256 = wgmma::Engine<T, B_KMAJOR, kStages, 1, 2>;
 template <typename T, bool B_KMAJOR>
 using CpAsync128x256 = wgmma::Engine<T, B_KMAJOR, kStages, 2, 2>;
@@ -35,12 +38,15 @@ using CpAsync128x256 = wgmma::Engine<T, B_KMAJOR, kStages, 2, 2>;
 inline bool mlp_loads_by_cp_async() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "cp-async"); }
 inline bool mlp_deep_ring() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-deep"); }
 inline bool mlp_wide_tall_tiles() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x256"); }
+inline bool mlp_persistent() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent"); }
 
 template <typename T>
 void forward_hopper(const MlpForwardArgs& a) {
   const bool tall = a.mask.tile_m % 128 == 0;
   if (mlp_loads_by_cp_async())
     tall ? forward_with<T, CpAsync128x256>(a) : forward_with<T, CpAsync64x256>(a);
+  else if (tall && mlp_persistent())
+    forward_with<T, Persistent128x256>(a);
   else if (tall)
     mlp_wide_tall_tiles() ? forward_with<T, Tma128x256>(a) : forward_with<T, Tma128x128Pair>(a);
   else
@@ -52,6 +58,8 @@ void backward_hopper(const MlpBackwardArgs& a) {
   const bool tall = a.mask.tile_m % 128 == 0;
   if (mlp_loads_by_cp_async())
     tall ? backward_with<T, CpAsync128x256>(a) : backward_with<T, CpAsync64x256>(a);
+  else if (tall && mlp_persistent())
+    backward_with<T, Persistent128x256>(a);
   else if (tall)
     mlp_wide_tall_tiles() ? backward_with<T, Tma128x256>(a) : backward_with<T, Tma128x128Pair>(a);
   else

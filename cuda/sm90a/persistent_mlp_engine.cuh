@@ -1,0 +1,210 @@
+// A persistent, warp-specialised engine for the neuron-block MLP's four products (sm_90a only):
+// 128 x 256 output tiles, one thread block per SM walking the whole grid of tiles.
+//
+// Why: at 128 x 128 per thread block (two blocks per SM), fc1 brought 1 MB from L2 per tile, 4.3 GB
+// in all at OPT-1.3B, 8.5 TB/s over its 505 us: near what L2 delivers, while the tensor pipe sat
+// idle a third of the time (bench/RESULTS.md). A 128 x 256 tile brings 25% fewer bytes per FLOP.
+// One such tile per thread block filled an SM alone and left the tensor cores idle through every
+// prologue and epilogue (LONG_EXPOSURE_MLP_KERNEL=tma-128x256 measured no faster). Here a producer
+// warpgroup, one thread of it issuing TMA copies, runs through the thread block's tiles chunk by
+// chunk as far ahead as the ring allows, across tile boundaries: while the two consumer warpgroups
+// store one tile's results, the next tile's first chunks are already landing. The consumers never
+// issue a copy, so neither waits on the other's progress, only on the ring.
+//
+// Work is divided as in the one-tile-per-block kernels (neuron_block_mlp.cuh: the Work structs);
+// thread block b takes tiles b, b + gridDim.x, ... of the linear numbering.
+#pragma once
+
+#include "neuron_block_mlp.cuh"
+#include "tma.cuh"
+#include "wgmma_gemm.cuh"
+
+namespace long_exposure {
+namespace neuron_block {
+
+template <int N>
+__device__ __forceinline__ void raise_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void lower_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// The consumer warpgroups' barrier (id 1; __syncthreads takes 0), without the producer's.
+__device__ __forceinline__ void consumers_sync(int threads) {
+  asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+}
+
+template <typename T, bool B_KMAJOR, int STAGES>
+struct PersistentEngine {
+  static_assert(STAGES >= 2, "one stage computing, one loading");
+  // Two consumer warpgroups of 64 rows, each multiplying its rows by both 128-column B pieces.
+  static constexpr int kConsumers = 2, kPieces = 2, kPieceN = wgmma::kN;
+  static constexpr int BM = wgmma::kM * kConsumers, BN = kPieceN * kPieces;
+  using Chunk = mma::SplitChunk<T, kPieces>;
+  static constexpr bool kLoadsByTma = true, kPersistent = true;
+  static constexpr int kThreads = wgmma::kThreads * (kConsumers + 1), kMinBlocks = 1;
+  static constexpr int kConsumerThreads = wgmma::kThreads * kConsumers;
+  // 384 threads share 64K registers: the producer gives up what the accumulators need.
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+  static_assert(kProducerRegisters * wgmma::kThreads + kConsumerRegisters * kConsumerThreads <= 65536,
+                "the register file");
+  static constexpr int kABoxRows = BM, kBBoxRows = B_KMAJOR ? wgmma::kN : mma::kBK;
+  using ATile = mma::SwizzledTile<BM, mma::kBK>;
+  using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<wgmma::kN, mma::kBK>, wgmma::PanelTile<mma::kBK>>;
+  static constexpr int kStageElements = ATile::kElements + kPieces * BTile::kElements;
+  static constexpr uint32_t kABytes = ATile::kElements * sizeof(T), kPieceBytes = BTile::kElements * sizeof(T);
+  // The ring, its 1 KiB alignment slack, and a full and an empty barrier per stage.
+  static constexpr int shared_bytes() { return STAGES * kStageElements * static_cast<int>(sizeof(T)) + 1024 + 2 * STAGES * 8; }
+  static constexpr int kSlots = kPieces * wgmma::kN / 8;  // column pairs each consumer thread holds
+  struct Acc {
+    float d[kPieces][64];
+  };
+
+  __device__ static __forceinline__ void zero(Acc& acc) {
+#pragma unroll
+    for (int j = 0; j < kPieces; ++j)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc.d[j][i] = 0.0f;
+  }
+
+  // As wgmma::Engine::for_each_pair, per piece: consumer c holds rows 64 c.., and slot 16 j + i
+  // is its column pair i of piece j.
+  template <typename F>
+  __device__ static __forceinline__ void for_each_pair(const Acc& acc, F f) {
+    const int consumer = threadIdx.x / wgmma::kThreads - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int row = consumer * wgmma::kM + warp * 16 + lane / 4;
+#pragma unroll
+    for (int j = 0; j < kPieces; ++j) {
+      const int col = j * kPieceN + (lane % 4) * 2;
+#pragma unroll
+      for (int i = 0; i < wgmma::kN / 8; ++i) {
+        f(row, col + i * 8, acc.d[j][i * 4], acc.d[j][i * 4 + 1], j * (wgmma::kN / 8) + i);
+        f(row + 8, col + i * 8, acc.d[j][i * 4 + 2], acc.d[j][i * 4 + 3], j * (wgmma::kN / 8) + i);
+      }
+    }
+  }
+  __device__ static __forceinline__ int slot_column(int slot) {
+    return (slot / (wgmma::kN / 8)) * kPieceN + (slot % (wgmma::kN / 8)) * 8 + (threadIdx.x % 4) * 2;
+  }
+
+  // acc (PIECES of them) += this consumer's 64 rows of the A tile times the first PIECES B pieces,
+  // one committed group left in flight.
+  template <int PIECES>
+  __device__ static __forceinline__ void multiply(Acc& acc, const T* a, const T* b) {
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < mma::kBK; kk += 16) {
+      const uint64_t da = wgmma::descriptor(a + kk, 16, 1024);
+#pragma unroll
+      for (int j = 0; j < PIECES; ++j) {
+        const T* piece = b + j * BTile::kElements;
+        const uint64_t db = B_KMAJOR ? wgmma::descriptor(piece + kk, 16, 1024)
+                                     : wgmma::descriptor(piece + kk * 64, mma::kBK * 64 * sizeof(T), 1024);
+        wgmma::Wgmma64x128<T, !B_KMAJOR>::run(acc.d[j], da, db);
+      }
+    }
+    wgmma::commit();
+  }
+
+  template <typename Work>
+  __device__ static void run(const Work& work, unsigned char* raw) {
+    T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
+    uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * kStageElements);
+    uint64_t* empty = full + STAGES;
+    auto stage_a = [&](int s) { return shared + s * kStageElements; };
+    auto stage_b = [&](int s) { return shared + s * kStageElements + ATile::kElements; };
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < STAGES; ++s) {
+        tma::barrier_init(&full[s], 1);
+        tma::barrier_init(&empty[s], kConsumerThreads / 32);
+      }
+      tma::fence_barrier_init();
+    }
+    __syncthreads();
+    const unsigned tiles = Work::width(work.p) * Work::height(work.p);
+    const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
+
+    if (warpgroup == 0) {
+      lower_registers<kProducerRegisters>();
+      if (threadIdx.x != 0) return;
+      // Chunk `it` (counted over all the block's tiles) into stage it % STAGES once its previous
+      // occupant is released: the A box and each live piece's box (two 64-column panels when B is
+      // MN-major); an empty piece is neither copied nor counted.
+      uint32_t it = 0;
+      for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+        typename Work::Tile t;
+        if (!work.tile(w, t)) continue;
+        const int n = work.chunks(t);
+        for (int i = 0; i < n; ++i, ++it) {
+          const int s = static_cast<int>(it % STAGES);
+          if (it >= STAGES) tma::wait(&empty[s], (it / STAGES - 1) & 1);
+          const Chunk c = work.chunk(t, i);
+          const int k0 = static_cast<int>(c.k0);
+          uint32_t bytes = kABytes;
+#pragma unroll
+          for (int j = 0; j < kPieces; ++j)
+            if (c.b[j].rows > 0) bytes += kPieceBytes;
+          tma::arrive_expecting(&full[s], bytes);
+          tma::load_box(stage_a(s), c.a.map, k0, c.a.origin, &full[s]);
+#pragma unroll
+          for (int j = 0; j < kPieces; ++j) {
+            if (c.b[j].rows <= 0) continue;
+            T* dst = stage_b(s) + j * BTile::kElements;
+            if constexpr (B_KMAJOR) {
+              tma::load_box(dst, c.b[j].map, k0, c.b[j].origin, &full[s]);
+            } else {
+              tma::load_box(dst, c.b[j].map, c.b[j].origin, k0, &full[s]);
+              tma::load_box(dst + mma::kBK * 64, c.b[j].map, c.b[j].origin + 64, k0, &full[s]);
+            }
+          }
+        }
+      }
+      return;
+    }
+
+    raise_registers<kConsumerRegisters>();
+    const int consumer_thread = static_cast<int>(threadIdx.x) - wgmma::kThreads;
+    const int a_rows = (warpgroup - 1) * wgmma::kM * mma::kBK;
+    const bool lane0 = threadIdx.x % 32 == 0;
+    uint32_t it = 0;
+    int done = 0;
+    for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+      typename Work::Tile t;
+      if (!work.tile(w, t)) continue;
+      float* s_bias = EpilogueShared<PersistentEngine>::buffer(raw, done++);
+      if constexpr (Work::kBiased) {
+        stage_bias<PersistentEngine>(s_bias, work, t, consumer_thread, kConsumerThreads);
+        consumers_sync(kConsumerThreads);
+      }
+      Acc acc;
+      zero(acc);
+      const int n = work.chunks(t);
+      // Which pieces are live is the same for every chunk of a tile; the first is live wherever
+      // the second is.
+      Chunk first{};
+      if (n > 0) first = work.chunk(t, 0);
+      const bool one = first.b[0].rows > 0, two = one && first.b[1].rows > 0;
+      for (int i = 0; i < n; ++i, ++it) {
+        const int s = static_cast<int>(it % STAGES);
+        tma::wait(&full[s], (it / STAGES) & 1);
+        if (two)
+          multiply<2>(acc, stage_a(s) + a_rows, stage_b(s));
+        else if (one)
+          multiply<1>(acc, stage_a(s) + a_rows, stage_b(s));
+        // The previous chunk's products are done: its stage may be refilled. The last chunk
+        // drains, so that no wgmma is in flight where the loop's exit joins the path that skipped it.
+        if (i + 1 < n)
+          wgmma::wait_one();
+        else
+          wgmma::wait_all();
+        tma::arrive_if(&empty[(it + STAGES - 1) % STAGES], i > 0 && lane0);
+      }
+      if (n > 0) tma::arrive_if(&empty[(it - 1) % STAGES], lane0);
+      work.epilogue(t, acc, s_bias);
+    }
+  }
+};
+
+}  // namespace neuron_block
+}  // namespace long_exposure
