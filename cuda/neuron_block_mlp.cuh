@@ -96,9 +96,15 @@ struct EpilogueShared {
   // A persistent engine's consumers stage the next tile's bias while slower ones may still read
   // this tile's: two buffers, used in turn.
   static constexpr int kBuffers = Engine::kPersistent ? 2 : 1;
-  static constexpr int kBytes = kBuffers * Engine::BN * static_cast<int>(sizeof(float));
+  // A persistent engine also keeps the mask's counts (up to kCounts tiles) where each tile's test
+  // for work is a shared-memory read, not a global load that thread waits on before the next.
+  static constexpr int kCounts = Engine::kPersistent ? 4096 : 0;
+  static constexpr int kBytes = (kBuffers * Engine::BN + kCounts) * 4;
   __device__ static __forceinline__ float* buffer(unsigned char* shared, int i) {
     return reinterpret_cast<float*>(shared + kOffset) + (i % kBuffers) * Engine::BN;
+  }
+  __device__ static __forceinline__ int32_t* counts(unsigned char* shared) {
+    return reinterpret_cast<int32_t*>(shared + kOffset) + kBuffers * Engine::BN;
   }
 };
 
@@ -128,6 +134,9 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 //   static width(params), height(params) the grid, in tiles (height counts BM-token rows of them);
 //   tile(linear, Tile&) -> bool         the tile's operands; false: nothing to compute there;
 //   chunks(tile), chunk(tile, i)        its K loop;
+//   live(tile, j)                       whether B piece j has columns (the same for every chunk);
+//   counts                              the mask's counts, which a persistent engine may point at
+//                                       a copy in shared memory;
 //   bias(), bias_column(tile, col)      kBiased works only;
 //   epilogue(tile, acc, s_bias)         its stores.
 
@@ -224,12 +233,13 @@ struct Fc1 {
   };
   using Params = ForwardParams<T>;
   const Params& p;
+  const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
 
   __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, linear, p.counts, p.indices, t.pairs)) return false;
+    if (!active_pair_pieces<Engine>(d, linear, counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     const int origin = static_cast<int>(m0);
     t.frozen = Chunk{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
@@ -246,6 +256,7 @@ struct Fc1 {
     return true;
   }
   __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
+  __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
   __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
   __device__ const T* bias() const { return p.b1; }
   __device__ int64_t bias_column(const Tile& t, int col) const {
@@ -297,13 +308,14 @@ __device__ __forceinline__ void column_pieces(typename Engine::Chunk& chunk, con
 // A (BM tokens, BN outputs) tile of a product summed over a mask tile's active blocks (fc2, dX):
 // its operands, its active-block list, and where its outputs go. `first` is true on the tiles of
 // the frozen weight's output (Y, dX), false on the LoRA factor's (V2, dU1).
-template <typename Chunk>
+template <typename Chunk, int PIECES>
 struct GatheredTile {
   Chunk chunk;
   const int32_t* list;
   int64_t m0, rows, n0, cols;
   int n_chunks;
   bool first;
+  bool live[PIECES];  // B pieces with columns inside the output
 };
 
 // Tile `linear` of a grid whose x counts `first` columns' tiles, then `second` ones'.
@@ -324,9 +336,10 @@ template <typename T, typename Engine>
 struct Fc2 {
   using Chunk = typename Engine::Chunk;
   static constexpr bool kBiased = true;
-  using Tile = GatheredTile<Chunk>;
+  using Tile = GatheredTile<Chunk, Engine::kPieces>;
   using Params = ForwardParams<T>;
   const Params& p;
+  const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
 
   __host__ __device__ static unsigned width(const Params& q) { return column_width<Engine>(q.dims.model, q.dims.r2); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
@@ -341,12 +354,15 @@ struct Fc2 {
     t.chunk = Chunk{{p.h + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, &p.maps.h, static_cast<int>(t.m0)}, {}, 0};
     column_pieces<Engine, T>(t.chunk, at.first ? p.w2 : p.lora2_a, at.first ? &p.maps.w2 : &p.maps.lora2_a,
                              d.neurons, d.neurons, t.n0, t.cols, d.neurons);
+#pragma unroll
+    for (int j = 0; j < Engine::kPieces; ++j) t.live[j] = t.chunk.b[j].rows > 0;
     const int64_t tile = t.m0 / d.tile_m;
     t.list = p.indices + tile * d.capacity;
-    t.n_chunks = p.counts[tile] * static_cast<int>(d.block_n / mma::kBK);
+    t.n_chunks = counts[tile] * static_cast<int>(d.block_n / mma::kBK);
     return true;
   }
   __device__ int chunks(const Tile& t) const { return t.n_chunks; }
+  __device__ bool live(const Tile& t, int j) const { return t.live[j]; }
   __device__ Chunk chunk(const Tile& t, int i) const {
     return gathered_chunk(t.chunk, t.list, p.dims.block_n, static_cast<int>(p.dims.block_n / mma::kBK), i);
   }
@@ -371,12 +387,13 @@ struct Dh {
   using Tile = typename Fc1<T, Engine>::Tile;
   using Params = BackwardParams<T>;
   const Params& p;
+  const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
 
   __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, linear, p.counts, p.indices, t.pairs)) return false;
+    if (!active_pair_pieces<Engine>(d, linear, counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
     const int origin = static_cast<int>(m0);
@@ -393,6 +410,7 @@ struct Dh {
     return true;
   }
   __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
+  __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
   __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
@@ -440,9 +458,10 @@ template <typename T, typename Engine>
 struct Dx {
   using Chunk = typename Engine::Chunk;
   static constexpr bool kBiased = false;
-  using Tile = GatheredTile<Chunk>;
+  using Tile = GatheredTile<Chunk, Engine::kPieces>;
   using Params = BackwardParams<T>;
   const Params& p;
+  const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
 
   // dU1's tiles only where it is asked for.
   __host__ __device__ static unsigned width(const Params& q) {
@@ -462,12 +481,15 @@ struct Dx {
     t.chunk = Chunk{{p.dh + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, &p.maps.dh, static_cast<int>(t.m0)}, {}, 0};
     column_pieces<Engine, T>(t.chunk, at.first ? p.w1 : p.lora1_b, at.first ? &p.maps.w1 : &p.maps.lora1_b, 1, full,
                              t.n0, t.cols, d.neurons);
+#pragma unroll
+    for (int j = 0; j < Engine::kPieces; ++j) t.live[j] = t.chunk.b[j].rows > 0;
     const int64_t tile = t.m0 / d.tile_m;
     t.list = p.indices + tile * d.capacity;
-    t.n_chunks = p.counts[tile] * static_cast<int>(d.block_n / mma::kBK);
+    t.n_chunks = counts[tile] * static_cast<int>(d.block_n / mma::kBK);
     return true;
   }
   __device__ int chunks(const Tile& t) const { return t.n_chunks; }
+  __device__ bool live(const Tile& t, int j) const { return t.live[j]; }
   __device__ Chunk chunk(const Tile& t, int i) const {
     return gathered_chunk(t.chunk, t.list, p.dims.block_n, static_cast<int>(p.dims.block_n / mma::kBK), i);
   }

@@ -410,7 +410,8 @@ def test_cuda_launch_order_leaves_every_output_unchanged(kind, attention_kernel,
 
 @pytest.mark.gpu
 def test_cuda_dependent_launch_gives_the_same_bits_eager_and_captured(monkeypatch):
-    """LONG_EXPOSURE_ATTENTION_PDL=1 lets dK/dV launch before dQ ends; it must wait for dQ's delta."""
+    """Programmatic dependent launch (the default; LONG_EXPOSURE_ATTENTION_PDL=0 turns it off) lets
+    dK/dV launch before dQ ends; it must wait for dQ's delta."""
     shape = (2, 4, 1024, 64, 64, 0)
     B, H, S, D, block, P = shape
     inputs, g = make_inputs(shape, torch.bfloat16, seed=25, requires_grad=False)

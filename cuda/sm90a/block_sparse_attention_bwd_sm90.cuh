@@ -100,7 +100,8 @@ struct DqConfig {
   }
 };
 
-// Programmatic dependent launch (LONG_EXPOSURE_ATTENTION_PDL=1; not yet measured): the dK/dV grid
+// Programmatic dependent launch (on unless LONG_EXPOSURE_ATTENTION_PDL=0; 0.5-1.5% off fwd+bwd in
+// each of eight A/B pairs at OPT-1.3B and 2.7B shapes, bench/RESULTS.md session 20): the dK/dV grid
 // may launch once every dQ thread block has started, so that its thread blocks take the SMs that
 // dQ's last wave leaves and run their prologue (list, K and V, the first query tile) before dQ has
 // finished. They wait for dQ's completion, and its delta, only where they first read delta.
@@ -540,7 +541,7 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
     config.attrs = &attribute;
-    config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "1") ? 1 : 0;
+    config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "0") ? 0 : 1;
     check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
   }
 }

@@ -108,7 +108,14 @@ struct PersistentEngine {
   }
 
   template <typename Work>
-  __device__ static void run(const Work& work, unsigned char* raw) {
+  __device__ static void run(const Work& mask_work, unsigned char* raw) {
+    Work work = mask_work;
+    const int64_t mask_tiles = (work.p.dims.tokens + work.p.dims.tile_m - 1) / work.p.dims.tile_m;
+    if (mask_tiles <= EpilogueShared<PersistentEngine>::kCounts) {
+      int32_t* counts = EpilogueShared<PersistentEngine>::counts(raw);
+      for (int64_t i = threadIdx.x; i < mask_tiles; i += kThreads) counts[i] = work.counts[i];
+      work.counts = counts;  // published by the barrier below
+    }
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
     uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * kStageElements);
     uint64_t* empty = full + STAGES;
@@ -180,11 +187,8 @@ struct PersistentEngine {
       Acc acc;
       zero(acc);
       const int n = work.chunks(t);
-      // Which pieces are live is the same for every chunk of a tile; the first is live wherever
-      // the second is.
-      Chunk first{};
-      if (n > 0) first = work.chunk(t, 0);
-      const bool one = first.b[0].rows > 0, two = one && first.b[1].rows > 0;
+      // The first piece is live wherever the second is.
+      const bool one = work.live(t, 0), two = one && work.live(t, 1);
       for (int i = 0; i < n; ++i, ++it) {
         const int s = static_cast<int>(it % STAGES);
         tma::wait(&full[s], (it / STAGES) & 1);
