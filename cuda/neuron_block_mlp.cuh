@@ -97,15 +97,17 @@ struct EpilogueShared {
   // this tile's: two buffers, used in turn.
   static constexpr int kBuffers = Engine::kPersistent ? 2 : 1;
   // A persistent engine also keeps the mask's counts (up to kCounts tiles) where each tile's test
-  // for work is a shared-memory read, not a global load that thread waits on before the next.
-  static constexpr int kCounts = Engine::kPersistent ? 4096 : 0;
-  static constexpr int kBytes = (kBuffers * Engine::BN + kCounts) * 4;
+  // for work is a shared-memory read, not a global load that thread waits on before the next, and
+  // for fc1 and dH the first active tile of each token row (up to kCounts - 1 rows).
+  static constexpr int kCounts = Engine::kPersistent ? 2048 : 0;
+  static constexpr int kBytes = (kBuffers * Engine::BN + 2 * kCounts) * 4;
   __device__ static __forceinline__ float* buffer(unsigned char* shared, int i) {
     return reinterpret_cast<float*>(shared + kOffset) + (i % kBuffers) * Engine::BN;
   }
   __device__ static __forceinline__ int32_t* counts(unsigned char* shared) {
     return reinterpret_cast<int32_t*>(shared + kOffset) + kBuffers * Engine::BN;
   }
+  __device__ static __forceinline__ int32_t* row_starts(unsigned char* shared) { return counts(shared) + kCounts; }
 };
 
 // s_bias[col] for each of the tile's BN output columns: the work's bias at bias_column(tile, col),
@@ -137,6 +139,8 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 //   live(tile, j)                       whether B piece j has columns (the same for every chunk);
 //   counts                              the mask's counts, which a persistent engine may point at
 //                                       a copy in shared memory;
+//   kPairs, pairs_in(y), pair_starts    for fc1 and dH: the active tiles of token row y, and where
+//                                       a persistent engine may have each row's first one numbered.
 //   bias(), bias_column(tile, col)      kBiased works only;
 //   epilogue(tile, acc, s_bias)         its stores.
 
@@ -185,11 +189,34 @@ __host__ __device__ __forceinline__ PairPosition grouped_pair_position(unsigned 
   return {in_group / rows, g * group + in_group % rows};
 }
 
+// The pairs (tiles) of token row y: its mask tile's count of blocks, in units, kPieces a tile.
 template <typename Engine>
-__device__ __forceinline__ bool active_pair_pieces(const Dims& d, unsigned linear, const int32_t* counts,
+__device__ __forceinline__ int pairs_in_row(const Dims& d, const int32_t* counts, unsigned y) {
+  const int64_t units = counts[static_cast<int64_t>(y) * Engine::BM / d.tile_m] * (d.block_n / Engine::kPieceN);
+  return static_cast<int>((units + Engine::kPieces - 1) / Engine::kPieces);
+}
+
+// Where tile `linear` lies: in the grouped order over the whole grid, or, given starts[y] (the
+// number of pairs in rows before y, for every row), in the order of the active pairs alone, row by
+// row: then every linear index below starts[height] is an active tile.
+template <typename Engine>
+__device__ __forceinline__ PairPosition pair_position(const Dims& d, unsigned linear, const int32_t* starts) {
+  const unsigned height = token_tiles<Engine>(d);
+  if (!starts) return grouped_pair_position(linear, pair_width<Engine>(d), height, static_cast<unsigned>(d.tile_group));
+  unsigned lo = 0, hi = height - 1;  // the last row whose start is at most linear
+  while (lo < hi) {
+    const unsigned mid = (lo + hi + 1) / 2;
+    if (static_cast<unsigned>(starts[mid]) <= linear)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return {linear - static_cast<unsigned>(starts[lo]), lo};
+}
+
+template <typename Engine>
+__device__ __forceinline__ bool active_pair_pieces(const Dims& d, PairPosition at, const int32_t* counts,
                                                    const int32_t* indices, PairPieces<Engine::kPieces>& out) {
-  const PairPosition at = grouped_pair_position(linear, pair_width<Engine>(d), token_tiles<Engine>(d),
-                                                static_cast<unsigned>(d.tile_group));
   out.m0 = static_cast<int64_t>(at.y) * Engine::BM;
   out.rows = d.tokens - out.m0;
   const int64_t tile = out.m0 / d.tile_m, count = counts[tile], units_per_block = d.block_n / Engine::kPieceN;
@@ -234,12 +261,15 @@ struct Fc1 {
   using Params = ForwardParams<T>;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
+  const int32_t* pair_starts = nullptr;  // pair_position's
+  static constexpr bool kPairs = true;
+  __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
   __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, linear, counts, p.indices, t.pairs)) return false;
+    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts), counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     const int origin = static_cast<int>(m0);
     t.frozen = Chunk{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
@@ -340,6 +370,7 @@ struct Fc2 {
   using Params = ForwardParams<T>;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
+  static constexpr bool kPairs = false;
 
   __host__ __device__ static unsigned width(const Params& q) { return column_width<Engine>(q.dims.model, q.dims.r2); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
@@ -388,12 +419,15 @@ struct Dh {
   using Params = BackwardParams<T>;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
+  const int32_t* pair_starts = nullptr;  // pair_position's
+  static constexpr bool kPairs = true;
+  __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
   __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, linear, counts, p.indices, t.pairs)) return false;
+    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts), counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
     const int origin = static_cast<int>(m0);
@@ -462,6 +496,7 @@ struct Dx {
   using Params = BackwardParams<T>;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
+  static constexpr bool kPairs = false;
 
   // dU1's tiles only where it is asked for.
   __host__ __device__ static unsigned width(const Params& q) {

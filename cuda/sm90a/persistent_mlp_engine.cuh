@@ -15,6 +15,8 @@
 // thread block b takes tiles b, b + gridDim.x, ... of the linear numbering.
 #pragma once
 
+#include <cub/block/block_scan.cuh>
+
 #include "neuron_block_mlp.cuh"
 #include "tma.cuh"
 #include "wgmma_gemm.cuh"
@@ -33,6 +35,31 @@ __device__ __forceinline__ void lower_registers() {
 // The consumer warpgroups' barrier (id 1; __syncthreads takes 0), without the producer's.
 __device__ __forceinline__ void consumers_sync(int threads) {
   asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+}
+
+// starts[i] = the sum of value(j) for j < i, for i up to n (< kMaxRows); returns starts[n]. All
+// kThreads threads call it; it ends with a barrier.
+template <int kThreads, int kMaxRows, typename Value>
+__device__ __forceinline__ unsigned prefix_sums(int32_t* starts, unsigned n, Value value) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  constexpr int kItems = (kMaxRows + kThreads - 1) / kThreads;
+  int items[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const unsigned row = threadIdx.x * kItems + i;
+    items[i] = row < n ? value(row) : 0;
+  }
+  int total = 0;
+  Scan(storage).ExclusiveSum(items, items, total);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const unsigned row = threadIdx.x * kItems + i;
+    if (row < n) starts[row] = items[i];
+  }
+  if (threadIdx.x == 0) starts[n] = total;
+  __syncthreads();
+  return static_cast<unsigned>(total);
 }
 
 template <typename T, bool B_KMAJOR, int STAGES>
@@ -109,12 +136,28 @@ struct PersistentEngine {
 
   template <typename Work>
   __device__ static void run(const Work& mask_work, unsigned char* raw) {
+    using Epilogue = EpilogueShared<PersistentEngine>;
     Work work = mask_work;
+    unsigned tiles = Work::width(work.p) * Work::height(work.p);
     const int64_t mask_tiles = (work.p.dims.tokens + work.p.dims.tile_m - 1) / work.p.dims.tile_m;
-    if (mask_tiles <= EpilogueShared<PersistentEngine>::kCounts) {
-      int32_t* counts = EpilogueShared<PersistentEngine>::counts(raw);
+    if (mask_tiles <= Epilogue::kCounts) {
+      int32_t* counts = Epilogue::counts(raw);
       for (int64_t i = threadIdx.x; i < mask_tiles; i += kThreads) counts[i] = work.counts[i];
-      work.counts = counts;  // published by the barrier below
+      work.counts = counts;
+      __syncthreads();
+      // fc1 and dH, unless LONG_EXPOSURE_MLP_TILE_GROUP asks for groups: number the active tiles alone, so that thread block b's share (b, b +
+      // gridDim.x, ...) holds only work. Over the whole grid, a thread block's tiles fell on the
+      // same few slots of every row, and at low density some thread blocks drew several active
+      // tiles while others drew none (fc1 105 us against 72 for one tile per thread block at
+      // density 0.1, bench/RESULTS.md session 20).
+      if constexpr (Work::kPairs) {
+        const unsigned rows = Work::height(work.p);
+        if (rows < Epilogue::kCounts && work.p.dims.tile_group == 1) {
+          int32_t* starts = Epilogue::row_starts(raw);
+          tiles = prefix_sums<kThreads, Epilogue::kCounts>(starts, rows, [&](unsigned y) { return work.pairs_in(y); });
+          work.pair_starts = starts;
+        }
+      }
     }
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
     uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * kStageElements);
@@ -129,7 +172,6 @@ struct PersistentEngine {
       tma::fence_barrier_init();
     }
     __syncthreads();
-    const unsigned tiles = Work::width(work.p) * Work::height(work.p);
     const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
 
     if (warpgroup == 0) {
