@@ -220,7 +220,7 @@ struct PersistentEngine {
     int done = 0;
     for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
       typename Work::Tile t;
-      if (!work.tile(w, t)) continue;
+      if (!__shfl_sync(0xffffffffu, work.tile(w, t), 0)) continue;  // uniform, as n and live below
       float* s_bias = EpilogueShared<PersistentEngine>::buffer(raw, done++);
       if constexpr (Work::kBiased) {
         stage_bias<PersistentEngine>(s_bias, work, t, consumer_thread, kConsumerThreads);
@@ -228,9 +228,13 @@ struct PersistentEngine {
       }
       Acc acc;
       zero(acc);
-      const int n = work.chunks(t);
-      // The first piece is live wherever the second is.
-      const bool one = work.live(t, 0), two = one && work.live(t, 1);
+      // The chunk count and the live pieces (the first is live wherever the second is) decide
+      // which wgmma each chunk issues: broadcast from lane 0, they are uniform to the compiler too.
+      // Left to it, a tile position found by a search loop read as divergent, and ptxas serialized
+      // every wgmma of fc1 and dH (its warning C7518; 9% slower at density 1, session 20).
+      const int n = __shfl_sync(0xffffffffu, work.chunks(t), 0);
+      const int live = __shfl_sync(0xffffffffu, work.live(t, 0) ? (work.live(t, 1) ? 2 : 1) : 0, 0);
+      const bool one = live >= 1, two = live == 2;
       for (int i = 0; i < n; ++i, ++it) {
         const int s = static_cast<int>(it % STAGES);
         tma::wait(&full[s], (it / STAGES) & 1);
