@@ -42,12 +42,12 @@ def main() -> None:
     parser.add_argument("--tile-m", type=int, default=64)
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--kernels", nargs="+", default=["default", "mma"],
-                        choices=["default", "mma", "cp-async", "tma-deep", "tma-128x256", "persistent"],
-                        help="default: what the device gets (wgmma fed by TMA on a Hopper); mma: the portable "
+                        choices=["default", "mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128"],
+                        help="default: what the device gets (wgmma fed by TMA on a Hopper, 128-token tiles on the persistent engine); mma: the portable "
                              "mma.sync kernels; cp-async: wgmma fed by the cp.async ring; tma-deep: "
                              "64-token tiles on one thread block per SM with a five-stage ring; tma-128x256: 128-token "
-                             "tiles as 128 x 256 products, one thread block per SM; persistent: the same tiles, "
-                             "one thread block per SM walking the whole grid with a producer warpgroup")
+                             "tiles as one 128 x 256 product per thread block; tma-128x128: 128-token tiles as "
+                             "128 x 128 products, two thread blocks per SM")
     args = parser.parse_args()
     dev, dt, T = "cuda", torch.bfloat16, args.tokens
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {T} tokens, bf16, "

@@ -7,9 +7,9 @@ def kernel_choice(variable: str, alternatives=("mma",)):
     """A fixture that runs each CUDA test on the kernels the device gets by default (wgmma on a
     Hopper) and on each alternative that `variable` can name: the portable mma.sync kernels
     ("mma"), and for the MLP the wgmma kernels fed by cp.async instead of TMA ("cp-async") and the
-    64-token tiles on one thread block per SM with a deeper ring ("tma-deep"), and 128-token tiles as
-    128 x 256 products on one thread block per SM, one tile each ("tma-128x256") or walking the whole
-    grid with a producer warpgroup ("persistent")."""
+    64-token tiles on one thread block per SM with a deeper ring ("tma-deep"), and 128-token tiles,
+    which by default run on a persistent engine, as one 128 x 256 product per thread block
+    ("tma-128x256") or 128 x 128 products on two thread blocks per SM ("tma-128x128")."""
 
     @pytest.fixture(params=["default", *alternatives])
     def fixture(request, monkeypatch):

@@ -10,16 +10,18 @@
 namespace long_exposure {
 namespace neuron_block {
 
-// Two warpgroups side by side along N, sharing each A tile, per 64 tokens; four (two by two) per
-// 128 where the mask's tiles allow it, sharing B tiles too. Wider and taller tiles bring fewer
-// bytes from L2 per FLOP, and those bytes bound these kernels (bench/RESULTS.md). TMA feeds them
-// unless LONG_EXPOSURE_MLP_KERNEL=cp-async asks for the cp.async ring (kept to compare against).
-// 64-token tiles run two thread blocks per SM with two 40 KiB stages each, so that one's epilogue
-// runs beside the other's products: 1.7-7.6% faster at OPT-1.3B than one block with five stages
-// (LONG_EXPOSURE_MLP_KERNEL=tma-deep, kept to compare against). Four 48 KiB 128 x 256 stages fill
-// an SM alone. 128-token tiles run as 128 x 128 products, two thread blocks per SM with three 32 KiB
-// stages each: as few bytes per FLOP as 128 x 256, and 0-7% faster than one 128 x 256 block at
-// densities up to 0.25, within 1% above (LONG_EXPOSURE_MLP_KERNEL=tma-128x256 keeps that block).
+// Two warpgroups side by side along N, sharing each A tile, per 64 tokens; where the mask's tiles
+// are multiples of 128 tokens, 128 x 256 tiles on the persistent engine (persistent_mlp_engine.cuh).
+// Wider and taller tiles bring fewer bytes from L2 per FLOP, and those bytes bound these kernels
+// (bench/RESULTS.md). TMA feeds them unless LONG_EXPOSURE_MLP_KERNEL=cp-async asks for the cp.async
+// ring (kept to compare against). 64-token tiles run two thread blocks per SM with two 40 KiB
+// stages each, so that one's epilogue runs beside the other's products: 1.7-7.6% faster at OPT-1.3B
+// than one block with five stages (LONG_EXPOSURE_MLP_KERNEL=tma-deep, kept to compare against).
+// 128-token tiles: the persistent engine took OPT-1.3B from 1.29-1.31 to 1.22 times cuBLAS at
+// density 1 and OPT-2.7B from 1.25 to 1.16-1.18, and 0.71 to 0.68 and 0.66 to 0.62-0.63 at 0.5; at
+// 0.1 it is 3-6% slower (0.185 against 0.180, 0.172 against 0.164; session 20, one process each).
+// LONG_EXPOSURE_MLP_KERNEL=tma-128x128 keeps the previous default, 128 x 128 products on two thread
+// blocks per SM with three 32 KiB stages each, and tma-128x256 one 128 x 256 tile per thread block.
 template <typename T, bool B_KMAJOR>
 using Tma64x256 = wgmma::TmaEngine<T, B_KMAJOR, kStages + 1, 1, 2>;
 template <typename T, bool B_KMAJOR>
@@ -38,17 +40,17 @@ using CpAsync128x256 = wgmma::Engine<T, B_KMAJOR, kStages, 2, 2>;
 inline bool mlp_loads_by_cp_async() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "cp-async"); }
 inline bool mlp_deep_ring() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-deep"); }
 inline bool mlp_wide_tall_tiles() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x256"); }
-inline bool mlp_persistent() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent"); }
+inline bool mlp_tile_per_pair_of_blocks() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x128"); }
 
 template <typename T>
 void forward_hopper(const MlpForwardArgs& a) {
   const bool tall = a.mask.tile_m % 128 == 0;
   if (mlp_loads_by_cp_async())
     tall ? forward_with<T, CpAsync128x256>(a) : forward_with<T, CpAsync64x256>(a);
-  else if (tall && mlp_persistent())
-    forward_with<T, Persistent128x256>(a);
+  else if (tall && mlp_wide_tall_tiles())
+    forward_with<T, Tma128x256>(a);
   else if (tall)
-    mlp_wide_tall_tiles() ? forward_with<T, Tma128x256>(a) : forward_with<T, Tma128x128Pair>(a);
+    mlp_tile_per_pair_of_blocks() ? forward_with<T, Tma128x128Pair>(a) : forward_with<T, Persistent128x256>(a);
   else
     mlp_deep_ring() ? forward_with<T, Tma64x256>(a) : forward_with<T, Tma64x256Pair>(a);
 }
@@ -58,10 +60,10 @@ void backward_hopper(const MlpBackwardArgs& a) {
   const bool tall = a.mask.tile_m % 128 == 0;
   if (mlp_loads_by_cp_async())
     tall ? backward_with<T, CpAsync128x256>(a) : backward_with<T, CpAsync64x256>(a);
-  else if (tall && mlp_persistent())
-    backward_with<T, Persistent128x256>(a);
+  else if (tall && mlp_wide_tall_tiles())
+    backward_with<T, Tma128x256>(a);
   else if (tall)
-    mlp_wide_tall_tiles() ? backward_with<T, Tma128x256>(a) : backward_with<T, Tma128x128Pair>(a);
+    mlp_tile_per_pair_of_blocks() ? backward_with<T, Tma128x128Pair>(a) : backward_with<T, Persistent128x256>(a);
   else
     mlp_deep_ring() ? backward_with<T, Tma64x256>(a) : backward_with<T, Tma64x256Pair>(a);
 }
