@@ -139,8 +139,9 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 //   live(tile, j)                       whether B piece j has columns (the same for every chunk);
 //   counts                              the mask's counts, which a persistent engine may point at
 //                                       a copy in shared memory;
-//   kPairs, pairs_in(y), pair_starts    for fc1 and dH: the active tiles of token row y, and where
-//                                       a persistent engine may have each row's first one numbered.
+//   kPairs, pairs_in(y), pair_starts,   for fc1 and dH: the active tiles of token row y, where a
+//   group                               persistent engine may have each row's first one numbered,
+//                                       and otherwise the token-tile group of their order.
 //   bias(), bias_column(tile, col)      kBiased works only;
 //   epilogue(tile, acc, s_bias)         its stores.
 
@@ -200,9 +201,10 @@ __device__ __forceinline__ int pairs_in_row(const Dims& d, const int32_t* counts
 // number of pairs in rows before y, for every row), in the order of the active pairs alone, row by
 // row: then every linear index below starts[height] is an active tile.
 template <typename Engine>
-__device__ __forceinline__ PairPosition pair_position(const Dims& d, unsigned linear, const int32_t* starts) {
+__device__ __forceinline__ PairPosition pair_position(const Dims& d, unsigned linear, const int32_t* starts,
+                                                      unsigned group) {
   const unsigned height = token_tiles<Engine>(d);
-  if (!starts) return grouped_pair_position(linear, pair_width<Engine>(d), height, static_cast<unsigned>(d.tile_group));
+  if (!starts) return grouped_pair_position(linear, pair_width<Engine>(d), height, group);
   unsigned lo = 0, hi = height - 1;  // the last row whose start is at most linear
   while (lo < hi) {
     const unsigned mid = (lo + hi + 1) / 2;
@@ -262,6 +264,7 @@ struct Fc1 {
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
+  unsigned group = static_cast<unsigned>(p.dims.tile_group);  // pair_position's, without pair_starts
   static constexpr bool kPairs = true;
   __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
@@ -269,7 +272,7 @@ struct Fc1 {
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts), counts, p.indices, t.pairs)) return false;
+    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts, group), counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     const int origin = static_cast<int>(m0);
     t.frozen = Chunk{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
@@ -420,6 +423,7 @@ struct Dh {
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
+  unsigned group = static_cast<unsigned>(p.dims.tile_group);  // pair_position's, without pair_starts
   static constexpr bool kPairs = true;
   __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
@@ -427,7 +431,7 @@ struct Dh {
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts), counts, p.indices, t.pairs)) return false;
+    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts, group), counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
     const int origin = static_cast<int>(m0);

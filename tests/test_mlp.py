@@ -371,11 +371,12 @@ def test_cuda_kernel_at_model_scale(mlp_kernel):
 
 
 @pytest.mark.gpu
-def test_cuda_tile_groups_leave_every_output_unchanged(mlp_kernel, monkeypatch):
+@pytest.mark.parametrize("density", [0.6, 1.0])  # 1.0: every tile of fc1's and dH's grids active
+def test_cuda_tile_groups_leave_every_output_unchanged(density, mlp_kernel, monkeypatch):
     """fc1 and dH launch token tiles in groups (LONG_EXPOSURE_MLP_TILE_GROUP); every group size,
     including ones that leave the last group short or exceed the tile count, computes the same bits."""
     shape = (1000, 256, 1024, 128, 128)  # 8 token tiles, the last ragged
-    mask = random_mlp_mask(shape[0], shape[2], shape[3], shape[4], 0.6, generator=torch.Generator().manual_seed(8))
+    mask = random_mlp_mask(shape[0], shape[2], shape[3], shape[4], density, generator=torch.Generator().manual_seed(8))
     inputs, _ = make_inputs(shape, torch.bfloat16, 1.0, seed=9)
     inputs = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if v is not None else None) for k, v in inputs.items()}
     mask = mask.to("cuda")

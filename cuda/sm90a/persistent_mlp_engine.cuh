@@ -84,6 +84,7 @@ struct PersistentEngine {
   // The ring, its 1 KiB alignment slack, and a full and an empty barrier per stage.
   static constexpr int shared_bytes() { return STAGES * kStageElements * static_cast<int>(sizeof(T)) + 1024 + 2 * STAGES * 8; }
   static constexpr int kSlots = kPieces * wgmma::kN / 8;  // column pairs each consumer thread holds
+  static constexpr unsigned kDenseGroup = 8;  // run()'s order of fc1's and dH's tiles on a full grid
   struct Acc {
     float d[kPieces][64];
   };
@@ -150,12 +151,24 @@ struct PersistentEngine {
       // same few slots of every row, and at low density some thread blocks drew several active
       // tiles while others drew none (fc1 105 us against 72 for one tile per thread block at
       // density 0.1, bench/RESULTS.md session 20).
+      //
+      // Where every tile of the grid is active, no thread block can draw more than its share, and
+      // the grid's own order in groups of kDenseGroup token tiles keeps the tiles in flight on
+      // fewer rows and blocks: with the rows' slots side by side, the 132 tiles in flight read all
+      // of W1 once per four token rows (fc1 read 487 MB from DRAM at OPT-1.3B, density 1, where
+      // cuBLAS read 142; groups of 8 were 1.6-3.7% faster there, session 20).
       if constexpr (Work::kPairs) {
         const unsigned rows = Work::height(work.p);
         if (rows < Epilogue::kCounts && work.p.dims.tile_group == 1) {
           int32_t* starts = Epilogue::row_starts(raw);
-          tiles = prefix_sums<kThreads, Epilogue::kCounts>(starts, rows, [&](unsigned y) { return work.pairs_in(y); });
-          work.pair_starts = starts;
+          const unsigned active =
+              prefix_sums<kThreads, Epilogue::kCounts>(starts, rows, [&](unsigned y) { return work.pairs_in(y); });
+          if (active < tiles) {
+            tiles = active;
+            work.pair_starts = starts;
+          } else {
+            work.group = kDenseGroup;
+          }
         }
       }
     }
