@@ -34,7 +34,7 @@ constexpr int kStages = 4;
 // The shapes every kernel of one call reads, in elements.
 struct Dims {
   int64_t tokens, model, neurons, r1, r2, tile_m, block_n, capacity;
-  int tile_group;  // grouped_pair_position's
+  int tile_group;  // grouped_pair_position's; 0: the engine's choice (tile_group())
 };
 
 // The operands' tensor maps, encoded by the launcher for engines that load by TMA only; named
@@ -264,7 +264,7 @@ struct Fc1 {
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
-  unsigned group = static_cast<unsigned>(p.dims.tile_group);  // pair_position's, without pair_starts
+  unsigned group = p.dims.tile_group > 0 ? static_cast<unsigned>(p.dims.tile_group) : 1u;  // without pair_starts
   static constexpr bool kPairs = true;
   __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
@@ -423,7 +423,7 @@ struct Dh {
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
-  unsigned group = static_cast<unsigned>(p.dims.tile_group);  // pair_position's, without pair_starts
+  unsigned group = p.dims.tile_group > 0 ? static_cast<unsigned>(p.dims.tile_group) : 1u;  // without pair_starts
   static constexpr bool kPairs = true;
   __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 

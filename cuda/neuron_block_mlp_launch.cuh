@@ -24,12 +24,13 @@ T* out_or_null(const TensorView& v) {
   return v.defined() ? v.ptr<T>() : nullptr;
 }
 
-// The token tiles fc1 and dH take together (grouped_pair_position); 1, each tile's slots side by
-// side, unless LONG_EXPOSURE_MLP_TILE_GROUP names another.
+// The token tiles fc1 and dH take together (grouped_pair_position), as LONG_EXPOSURE_MLP_TILE_GROUP
+// names them; 0 when it names none: the engine's own choice (1, each tile's slots side by side, on
+// engines with one tile per thread block; PersistentEngine::run's on the persistent one).
 inline int tile_group() {
   const char* value = std::getenv("LONG_EXPOSURE_MLP_TILE_GROUP");
   const int chosen = value ? std::atoi(value) : 0;
-  return chosen > 0 ? chosen : 1;
+  return chosen > 0 ? chosen : 0;
 }
 
 // x: the forward's input, or dy in the backward (the same [T, d]).

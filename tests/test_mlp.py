@@ -385,13 +385,16 @@ def test_cuda_tile_groups_leave_every_output_unchanged(density, mlp_kernel, monk
     dv2 = torch.randn(shape[0], 3, generator=g).bfloat16().cuda()
 
     def outputs(group):
-        monkeypatch.setenv("LONG_EXPOSURE_MLP_TILE_GROUP", str(group))
+        if group is None:  # the engine's own choice
+            monkeypatch.delenv("LONG_EXPOSURE_MLP_TILE_GROUP", raising=False)
+        else:
+            monkeypatch.setenv("LONG_EXPOSURE_MLP_TILE_GROUP", str(group))
         y, h, v2 = run_op(inputs, mask)
         h = torch.where(active_entries(mask, shape[0], shape[2]), h, torch.zeros((), dtype=h.dtype, device="cuda"))
         return dict(y=y, h=h, v2=v2, **grads(run_op, inputs, mask, dy, dv2))
 
     expected = outputs(1)
-    for group in (2, 3, 8, 50):
+    for group in (None, 2, 3, 8, 50):
         for name, t in outputs(group).items():
             assert torch.equal(t, expected[name]), f"{name} differs with tile group {group}"
 

@@ -146,28 +146,30 @@ struct PersistentEngine {
       for (int64_t i = threadIdx.x; i < mask_tiles; i += kThreads) counts[i] = work.counts[i];
       work.counts = counts;
       __syncthreads();
-      // fc1 and dH, unless LONG_EXPOSURE_MLP_TILE_GROUP asks for groups: number the active tiles alone, so that thread block b's share (b, b +
-      // gridDim.x, ...) holds only work. Over the whole grid, a thread block's tiles fell on the
-      // same few slots of every row, and at low density some thread blocks drew several active
-      // tiles while others drew none (fc1 105 us against 72 for one tile per thread block at
-      // density 0.1, bench/RESULTS.md session 20).
+      // fc1 and dH, unless LONG_EXPOSURE_MLP_TILE_GROUP names groups of 2 or more: number the
+      // active tiles alone, so that thread block b's share (b, b + gridDim.x, ...) holds only work.
+      // Over the whole grid, a thread block's tiles fell on the same few slots of every row, and
+      // at low density some thread blocks drew several active tiles while others drew none (fc1
+      // 105 us against 72 for one tile per thread block at density 0.1, bench/RESULTS.md session 20).
       //
-      // Where every tile of the grid is active, no thread block can draw more than its share, and
-      // the grid's own order in groups of kDenseGroup token tiles keeps the tiles in flight on
-      // fewer rows and blocks: with the rows' slots side by side, the 132 tiles in flight read all
-      // of W1 once per four token rows (fc1 read 487 MB from DRAM at OPT-1.3B, density 1, where
-      // cuBLAS read 142; groups of 8 were 1.6-3.7% faster there, session 20).
+      // Where every tile of the grid is active and the variable names no group, no thread block
+      // can draw more than its share, and the grid's own order in groups of kDenseGroup token tiles
+      // keeps the tiles in flight on fewer rows and blocks: with each row's slots side by side, the
+      // 132 tiles in flight read all of W1 once per four token rows (fc1 read 487 MB from DRAM at
+      // OPT-1.3B, density 1, where cuBLAS read 142; groups of 8 were 1.6-3.7% faster there,
+      // session 20).
       if constexpr (Work::kPairs) {
         const unsigned rows = Work::height(work.p);
-        if (rows < Epilogue::kCounts && work.p.dims.tile_group == 1) {
+        const int group = work.p.dims.tile_group;  // 0: ours to choose
+        if (rows < Epilogue::kCounts && group <= 1) {
           int32_t* starts = Epilogue::row_starts(raw);
           const unsigned active =
               prefix_sums<kThreads, Epilogue::kCounts>(starts, rows, [&](unsigned y) { return work.pairs_in(y); });
-          if (active < tiles) {
+          if (active == tiles && group == 0) {
+            work.group = kDenseGroup;
+          } else {
             tiles = active;
             work.pair_starts = starts;
-          } else {
-            work.group = kDenseGroup;
           }
         }
       }
