@@ -250,29 +250,48 @@ __device__ __forceinline__ Chunk frozen_then_lora(const Chunk& frozen, const Chu
 }
 __host__ __device__ __forceinline__ int chunks_of(int64_t k) { return static_cast<int>((k + mma::kBK - 1) / mma::kBK); }
 
-// fc1 over active pairs: relu(X @ W1^T (+ U1 @ B1^T) + b1) into H.
-template <typename T, typename Engine>
-struct Fc1 {
+// What fc1 and dH share: tiles of active (token tile, block pair) positions, each with its
+// frozen weight's product followed by the LoRA factors'.
+template <typename Engine, typename ParamsT>
+struct PairWork {
   using Chunk = typename Engine::Chunk;
-  static constexpr bool kBiased = true;
+  using Params = ParamsT;
   struct Tile {
     PairPieces<Engine::kPieces> pairs;
     Chunk frozen, lora;
     int main, extra;
   };
-  using Params = ForwardParams<T>;
+  static constexpr bool kPairs = true;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
   unsigned group = p.dims.tile_group > 0 ? static_cast<unsigned>(p.dims.tile_group) : 1u;  // without pair_starts
-  static constexpr bool kPairs = true;
-  __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
   __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
-  __device__ bool tile(unsigned linear, Tile& t) const {
+  __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
+  // The tile's pairs; false where it has none.
+  __device__ bool pieces(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts, group), counts, p.indices, t.pairs)) return false;
+    return active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts, group), counts, p.indices, t.pairs);
+  }
+  __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
+  __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
+  __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
+};
+
+// fc1 over active pairs: relu(X @ W1^T (+ U1 @ B1^T) + b1) into H.
+template <typename T, typename Engine>
+struct Fc1 : PairWork<Engine, ForwardParams<T>> {
+  using Base = PairWork<Engine, ForwardParams<T>>;
+  using typename Base::Chunk;
+  using typename Base::Tile;
+  using Base::p;
+  static constexpr bool kBiased = true;
+
+  __device__ bool tile(unsigned linear, Tile& t) const {
+    if (!Base::pieces(linear, t)) return false;
+    const Dims& d = p.dims;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     const int origin = static_cast<int>(m0);
     t.frozen = Chunk{{p.x + m0 * d.model, d.model, rows, d.model, &p.maps.x, origin}, {}, 0};
@@ -288,9 +307,6 @@ struct Fc1 {
     t.extra = p.lora1_u ? chunks_of(d.r1) : 0;
     return true;
   }
-  __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
-  __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
-  __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
   __device__ const T* bias() const { return p.b1; }
   __device__ int64_t bias_column(const Tile& t, int col) const {
     const int j = col / Engine::kPieceN, c = col % Engine::kPieceN;
@@ -364,41 +380,66 @@ __device__ __forceinline__ ColumnPosition column_position(unsigned linear, unsig
   return {static_cast<int64_t>(y) * Engine::BM, (is_first ? x : x - first_tiles) * Engine::BN, is_first};
 }
 
-// fc2 and its LoRA columns: [Y | V2] = H @ [W2 | A2]^T over the tile's active blocks, + b2 on Y.
-template <typename T, typename Engine>
-struct Fc2 {
+// What fc2 and dX share: (BM tokens, BN outputs) tiles of the frozen weight's output, then of the
+// LoRA factor's, each summed over its mask tile's active blocks.
+template <typename Engine, typename ParamsT>
+struct GatheredWork {
   using Chunk = typename Engine::Chunk;
-  static constexpr bool kBiased = true;
+  using Params = ParamsT;
   using Tile = GatheredTile<Chunk, Engine::kPieces>;
-  using Params = ForwardParams<T>;
+  static constexpr bool kPairs = false;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
-  static constexpr bool kPairs = false;
 
-  __host__ __device__ static unsigned width(const Params& q) { return column_width<Engine>(q.dims.model, q.dims.r2); }
   __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
-  __device__ bool tile(unsigned linear, Tile& t) const {
+  // Tile `linear` of a grid `width` tiles wide over `first` columns of a [K, first] operand `a`
+  // (its map `a_map`) times `first_weight` and then `second` columns of `second_weight`, each
+  // weight's row n at n * n_stride, its K rows ld apart.
+  template <typename T>
+  __device__ void place(unsigned linear, unsigned width, Tile& t, const T* a, const CUtensorMap* a_map,
+                        int64_t first, const T* first_weight, const CUtensorMap* first_map, int64_t second,
+                        const T* second_weight, const CUtensorMap* second_map, int64_t n_stride,
+                        bool ld_is_width) const {
     const Dims& d = p.dims;
-    const ColumnPosition at = column_position<Engine>(linear, width(p), d.model);
+    const ColumnPosition at = column_position<Engine>(linear, width, first);
+    const int64_t full = at.first ? first : second;
     t.m0 = at.m0;
     t.rows = d.tokens - at.m0;
     t.n0 = at.n0;
     t.first = at.first;
-    t.cols = (at.first ? d.model : d.r2) - at.n0;
-    t.chunk = Chunk{{p.h + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, &p.maps.h, static_cast<int>(t.m0)}, {}, 0};
-    column_pieces<Engine, T>(t.chunk, at.first ? p.w2 : p.lora2_a, at.first ? &p.maps.w2 : &p.maps.lora2_a,
-                             d.neurons, d.neurons, t.n0, t.cols, d.neurons);
+    t.cols = full - at.n0;
+    t.chunk = Chunk{{a + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, a_map, static_cast<int>(t.m0)}, {}, 0};
+    column_pieces<Engine, T>(t.chunk, at.first ? first_weight : second_weight, at.first ? first_map : second_map,
+                             n_stride, ld_is_width ? full : d.neurons, t.n0, t.cols, d.neurons);
 #pragma unroll
     for (int j = 0; j < Engine::kPieces; ++j) t.live[j] = t.chunk.b[j].rows > 0;
     const int64_t tile = t.m0 / d.tile_m;
     t.list = p.indices + tile * d.capacity;
     t.n_chunks = counts[tile] * static_cast<int>(d.block_n / mma::kBK);
-    return true;
   }
   __device__ int chunks(const Tile& t) const { return t.n_chunks; }
   __device__ bool live(const Tile& t, int j) const { return t.live[j]; }
   __device__ Chunk chunk(const Tile& t, int i) const {
     return gathered_chunk(t.chunk, t.list, p.dims.block_n, static_cast<int>(p.dims.block_n / mma::kBK), i);
+  }
+};
+
+// fc2 and its LoRA columns: [Y | V2] = H @ [W2 | A2]^T over the tile's active blocks, + b2 on Y.
+template <typename T, typename Engine>
+struct Fc2 : GatheredWork<Engine, ForwardParams<T>> {
+  using Base = GatheredWork<Engine, ForwardParams<T>>;
+  using typename Base::Params;
+  using typename Base::Tile;
+  using Base::p;
+  static constexpr bool kBiased = true;
+
+  __host__ __device__ static unsigned width(const Params& q) { return column_width<Engine>(q.dims.model, q.dims.r2); }
+  __device__ bool tile(unsigned linear, Tile& t) const {
+    const Dims& d = p.dims;
+    // W2 [model, neurons] and A2 [r2, neurons] are K-major: output column n's row at n * neurons.
+    Base::place(linear, width(p), t, p.h, &p.maps.h, d.model, p.w2, &p.maps.w2, d.r2, p.lora2_a, &p.maps.lora2_a,
+                d.neurons, false);
+    return true;
   }
   __device__ const T* bias() const { return p.b2; }
   __device__ int64_t bias_column(const Tile& t, int col) const { return t.first && col < t.cols ? t.n0 + col : -1; }
@@ -415,23 +456,16 @@ struct Fc2 {
 
 // dH over active pairs: (dY @ W2 (+ dV2 @ A2)) * (H > 0), and its share of db1.
 template <typename T, typename Engine>
-struct Dh {
-  using Chunk = typename Engine::Chunk;
+struct Dh : PairWork<Engine, BackwardParams<T>> {
+  using Base = PairWork<Engine, BackwardParams<T>>;
+  using typename Base::Chunk;
+  using typename Base::Tile;
+  using Base::p;
   static constexpr bool kBiased = false;
-  using Tile = typename Fc1<T, Engine>::Tile;
-  using Params = BackwardParams<T>;
-  const Params& p;
-  const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
-  const int32_t* pair_starts = nullptr;  // pair_position's
-  unsigned group = p.dims.tile_group > 0 ? static_cast<unsigned>(p.dims.tile_group) : 1u;  // without pair_starts
-  static constexpr bool kPairs = true;
-  __device__ int pairs_in(unsigned y) const { return pairs_in_row<Engine>(p.dims, counts, y); }
 
-  __host__ __device__ static unsigned width(const Params& q) { return pair_width<Engine>(q.dims); }
-  __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
+    if (!Base::pieces(linear, t)) return false;
     const Dims& d = p.dims;
-    if (!active_pair_pieces<Engine>(d, pair_position<Engine>(d, linear, pair_starts, group), counts, p.indices, t.pairs)) return false;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
     // W2 is [model, neurons]: read as B[n = neuron, k = model] it is MN-major, as is A2 [r2, neurons].
     const int origin = static_cast<int>(m0);
@@ -447,9 +481,6 @@ struct Dh {
     t.extra = p.dlora2_v ? chunks_of(d.r2) : 0;
     return true;
   }
-  __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
-  __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
-  __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
   __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
@@ -493,44 +524,24 @@ struct Dh {
 
 // dX and dU1: [dX | dU1] = dH @ [W1 | B1] over the tile's active blocks.
 template <typename T, typename Engine>
-struct Dx {
-  using Chunk = typename Engine::Chunk;
+struct Dx : GatheredWork<Engine, BackwardParams<T>> {
+  using Base = GatheredWork<Engine, BackwardParams<T>>;
+  using typename Base::Params;
+  using typename Base::Tile;
+  using Base::p;
   static constexpr bool kBiased = false;
-  using Tile = GatheredTile<Chunk, Engine::kPieces>;
-  using Params = BackwardParams<T>;
-  const Params& p;
-  const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
-  static constexpr bool kPairs = false;
 
   // dU1's tiles only where it is asked for.
   __host__ __device__ static unsigned width(const Params& q) {
     return column_width<Engine>(q.dims.model, q.dlora1_u ? q.dims.r1 : 0);
   }
-  __host__ __device__ static unsigned height(const Params& q) { return token_tiles<Engine>(q.dims); }
   __device__ bool tile(unsigned linear, Tile& t) const {
     const Dims& d = p.dims;
-    const ColumnPosition at = column_position<Engine>(linear, width(p), d.model);
-    const int64_t full = at.first ? d.model : d.r1;
-    t.m0 = at.m0;
-    t.rows = d.tokens - at.m0;
-    t.n0 = at.n0;
-    t.first = at.first;
-    t.cols = full - at.n0;
-    // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1].
-    t.chunk = Chunk{{p.dh + t.m0 * d.neurons, d.neurons, t.rows, d.neurons, &p.maps.dh, static_cast<int>(t.m0)}, {}, 0};
-    column_pieces<Engine, T>(t.chunk, at.first ? p.w1 : p.lora1_b, at.first ? &p.maps.w1 : &p.maps.lora1_b, 1, full,
-                             t.n0, t.cols, d.neurons);
-#pragma unroll
-    for (int j = 0; j < Engine::kPieces; ++j) t.live[j] = t.chunk.b[j].rows > 0;
-    const int64_t tile = t.m0 / d.tile_m;
-    t.list = p.indices + tile * d.capacity;
-    t.n_chunks = counts[tile] * static_cast<int>(d.block_n / mma::kBK);
+    // W1 [neurons, model] read as B[n = model, k = neuron] is MN-major; so is B1 [neurons, r1]:
+    // output column n at n, K rows a whole output row apart.
+    Base::place(linear, width(p), t, static_cast<const T*>(p.dh), &p.maps.dh, d.model, p.w1, &p.maps.w1, d.r1,
+                p.lora1_b, &p.maps.lora1_b, 1, true);
     return true;
-  }
-  __device__ int chunks(const Tile& t) const { return t.n_chunks; }
-  __device__ bool live(const Tile& t, int j) const { return t.live[j]; }
-  __device__ Chunk chunk(const Tile& t, int i) const {
-    return gathered_chunk(t.chunk, t.list, p.dims.block_n, static_cast<int>(p.dims.block_n / mma::kBK), i);
   }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
@@ -573,22 +584,22 @@ __device__ __forceinline__ void run(const Work& work, unsigned char* shared) {
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc1_kernel(const __grid_constant__ ForwardParams<T> p) {
   extern __shared__ __align__(128) unsigned char shared[];
-  run<Engine>(Fc1<T, Engine>{p}, shared);
+  run<Engine>(Fc1<T, Engine>{{p}}, shared);
 }
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) fc2_kernel(const __grid_constant__ ForwardParams<T> p) {
   extern __shared__ __align__(128) unsigned char shared[];
-  run<Engine>(Fc2<T, Engine>{p}, shared);
+  run<Engine>(Fc2<T, Engine>{{p}}, shared);
 }
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dh_kernel(const __grid_constant__ BackwardParams<T> p) {
   extern __shared__ __align__(128) unsigned char shared[];
-  run<Engine>(Dh<T, Engine>{p}, shared);
+  run<Engine>(Dh<T, Engine>{{p}}, shared);
 }
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(Engine::kThreads, Engine::kMinBlocks) dx_kernel(const __grid_constant__ BackwardParams<T> p) {
   extern __shared__ __align__(128) unsigned char shared[];
-  run<Engine>(Dx<T, Engine>{p}, shared);
+  run<Engine>(Dx<T, Engine>{{p}}, shared);
 }
 
 // out[m * out_m + n * out_n] = sum over tokens t of a[t, m] * b[t, n], a [tokens, M], b [tokens, N]:
