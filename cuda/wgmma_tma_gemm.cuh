@@ -13,6 +13,32 @@
 namespace long_exposure {
 namespace wgmma {
 
+// A chunk into a stage, issued by one thread: the A box at `a`, each live piece's box (two 64-column
+// panels when B is MN-major) at b + j * piece_elements, all completing on `full`, which is told to
+// expect their bytes; an empty piece is neither copied nor counted.
+template <typename T, bool B_KMAJOR, int PIECES, typename Chunk>
+__device__ __forceinline__ void load_chunk(const Chunk& c, T* a, T* b, int piece_elements, uint32_t a_bytes,
+                                           uint32_t piece_bytes, uint64_t* full) {
+  const int k0 = static_cast<int>(c.k0);
+  uint32_t bytes = a_bytes;
+#pragma unroll
+  for (int j = 0; j < PIECES; ++j)
+    if (c.b[j].rows > 0) bytes += piece_bytes;
+  tma::arrive_expecting(full, bytes);
+  tma::load_box(a, c.a.map, k0, c.a.origin, full);
+#pragma unroll
+  for (int j = 0; j < PIECES; ++j) {
+    if (c.b[j].rows <= 0) continue;
+    T* dst = b + j * piece_elements;
+    if constexpr (B_KMAJOR) {
+      tma::load_box(dst, c.b[j].map, k0, c.b[j].origin, full);
+    } else {
+      tma::load_box(dst, c.b[j].map, c.b[j].origin, k0, full);
+      tma::load_box(dst + mma::kBK * 64, c.b[j].map, c.b[j].origin + 64, k0, full);
+    }
+  }
+}
+
 // MIN_BLOCKS thread blocks share an SM where the ring is shallow enough for them to fit: while
 // one stores its tile's results, another's products keep the tensor cores busy.
 template <typename T, bool B_KMAJOR, int STAGES, int WG_M = 1, int WG_N = 1, int MIN_BLOCKS = 1>
@@ -56,27 +82,10 @@ struct TmaEngine : Engine<T, B_KMAJOR, STAGES, WG_M, WG_N> {
     }
     __syncthreads();
 
-    // Chunk i into stage i % STAGES: the A box and each live piece's box (two 64-column panels
-    // when B is MN-major); an empty piece is neither copied nor counted.
     auto issue = [&](int i) {
-      const Chunk c = get_chunk(i);
-      const int s = i % STAGES, k0 = static_cast<int>(c.k0);
-      uint32_t bytes = kABytes;
-#pragma unroll
-      for (int j = 0; j < kPieces; ++j)
-        if (c.b[j].rows > 0) bytes += kPieceBytes;
-      tma::arrive_expecting(&full[s], bytes);
-      tma::load_box(stage_a(s), c.a.map, k0, c.a.origin, &full[s]);
-#pragma unroll
-      for (int j = 0; j < kPieces; ++j) {
-        if (c.b[j].rows <= 0) continue;
-        if constexpr (B_KMAJOR) {
-          tma::load_box(stage_b(s, j), c.b[j].map, k0, c.b[j].origin, &full[s]);
-        } else {
-          tma::load_box(stage_b(s, j), c.b[j].map, c.b[j].origin, k0, &full[s]);
-          tma::load_box(stage_b(s, j) + mma::kBK * 64, c.b[j].map, c.b[j].origin + 64, k0, &full[s]);
-        }
-      }
+      const int s = i % STAGES;
+      load_chunk<T, B_KMAJOR, kPieces>(get_chunk(i), stage_a(s), stage_b(s, 0), BTile::kElements, kABytes,
+                                       kPieceBytes, &full[s]);
     };
     if (producer)
       for (int i = 0; i < STAGES - 1 && i < n_chunks; ++i) issue(i);

@@ -20,6 +20,7 @@
 #include "neuron_block_mlp.cuh"
 #include "tma.cuh"
 #include "wgmma_gemm.cuh"
+#include "wgmma_tma_gemm.cuh"
 
 namespace long_exposure {
 namespace neuron_block {
@@ -193,8 +194,7 @@ struct PersistentEngine {
       lower_registers<kProducerRegisters>();
       if (threadIdx.x != 0) return;
       // Chunk `it` (counted over all the block's tiles) into stage it % STAGES once its previous
-      // occupant is released: the A box and each live piece's box (two 64-column panels when B is
-      // MN-major); an empty piece is neither copied nor counted.
+      // occupant is released.
       uint32_t it = 0;
       for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
         typename Work::Tile t;
@@ -203,25 +203,8 @@ struct PersistentEngine {
         for (int i = 0; i < n; ++i, ++it) {
           const int s = static_cast<int>(it % STAGES);
           if (it >= STAGES) tma::wait(&empty[s], (it / STAGES - 1) & 1);
-          const Chunk c = work.chunk(t, i);
-          const int k0 = static_cast<int>(c.k0);
-          uint32_t bytes = kABytes;
-#pragma unroll
-          for (int j = 0; j < kPieces; ++j)
-            if (c.b[j].rows > 0) bytes += kPieceBytes;
-          tma::arrive_expecting(&full[s], bytes);
-          tma::load_box(stage_a(s), c.a.map, k0, c.a.origin, &full[s]);
-#pragma unroll
-          for (int j = 0; j < kPieces; ++j) {
-            if (c.b[j].rows <= 0) continue;
-            T* dst = stage_b(s) + j * BTile::kElements;
-            if constexpr (B_KMAJOR) {
-              tma::load_box(dst, c.b[j].map, k0, c.b[j].origin, &full[s]);
-            } else {
-              tma::load_box(dst, c.b[j].map, c.b[j].origin, k0, &full[s]);
-              tma::load_box(dst + mma::kBK * 64, c.b[j].map, c.b[j].origin + 64, k0, &full[s]);
-            }
-          }
+          wgmma::load_chunk<T, B_KMAJOR, kPieces>(work.chunk(t, i), stage_a(s), stage_b(s), BTile::kElements, kABytes,
+                                                  kPieceBytes, &full[s]);
         }
       }
       return;
