@@ -220,9 +220,16 @@ struct PersistentEngine {
       typename Work::Tile t;
       if (!__shfl_sync(0xffffffffu, work.tile(w, t), 0)) continue;  // uniform, as n and live below
       float* s_bias = EpilogueShared<PersistentEngine>::buffer(raw, done++);
+      // Each consumer thread's bias column (BN of them, one per thread), loaded here and stored
+      // to shared memory only after the products: only the epilogue reads it, and the load's
+      // latency, which the consumers waited out before every tile's first chunk, hides behind
+      // the products instead.
+      static_assert(BN == kConsumerThreads, "one bias column per consumer thread");
+      float bias_value = 0.0f;
       if constexpr (Work::kBiased) {
-        stage_bias<PersistentEngine>(s_bias, work, t, consumer_thread, kConsumerThreads);
-        consumers_sync(kConsumerThreads);
+        const auto* bias = work.bias();
+        const int64_t base = bias ? work.bias_column(t, consumer_thread) : -1;
+        if (base >= 0) bias_value = static_cast<float>(bias[base]);
       }
       Acc acc;
       zero(acc);
@@ -249,6 +256,10 @@ struct PersistentEngine {
         tma::arrive_if(&empty[(it + STAGES - 1) % STAGES], i > 0 && lane0);
       }
       if (n > 0) tma::arrive_if(&empty[(it - 1) % STAGES], lane0);
+      if constexpr (Work::kBiased) {
+        s_bias[consumer_thread] = bias_value;
+        consumers_sync(kConsumerThreads);
+      }
       work.epilogue(t, acc, s_bias);
     }
   }
