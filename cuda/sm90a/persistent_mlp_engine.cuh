@@ -121,7 +121,7 @@ struct PersistentEngine {
   // store each. The wgmma layout gives each thread column pairs 8 apart; a 4 x 4 transpose across
   // the four lanes of a row turns four such pairs per lane into one run per lane. Pair by pair, a
   // warp's store wrote 16 bytes of each of 8 rows: fc1 took 454 us with its epilogue and 358 us
-  // without (OPT-1.3B, density 1, session 21).
+  // without; in runs, 407 (OPT-1.3B, density 1, session 21).
   static constexpr int kRun = 8, kRunSlots = kPieces * wgmma::kN / 32, kRuns = 2 * kRunSlots;
   // f(row, col, v, slot) for v[0..8) at columns col.., slot numbering the thread's column sets (the
   // rows row and row + 8 share one). Call it from whole warps: the transpose is a warp shuffle.
