@@ -121,35 +121,33 @@ __device__ __forceinline__ void store_run(T* dst, int n, const float (&v)[W]) {
     if (k < n) *reinterpret_cast<typename mma::Pair<T>::type*>(dst + k) = mma::Pair<T>::make(v[k], v[k + 1]);
 }
 
-// Bits k and k + 1 set where the pair `word` holds positive values.
-template <typename T>
-__device__ __forceinline__ uint32_t positive_pair_bits(uint32_t word, int k) {
-  typename mma::Pair<T>::type pair;
-  memcpy(&pair, &word, sizeof(word));
-  const float2 f = mma::Pair<T>::to_float2(pair);
-  return (f.x > 0.0f ? 1u << k : 0u) | (f.y > 0.0f ? 2u << k : 0u);
-}
-
-// Bit k set where src[k] > 0, for all k < W (a multiple of 8; src 16-byte aligned).
-template <typename T, int W>
-__device__ __forceinline__ uint32_t positive_bits_whole(const T* src) {
-  uint32_t bits = 0;
-#pragma unroll
-  for (int k = 0; k < W; k += 8) {
-    const uint4 word = *reinterpret_cast<const uint4*>(src + k);
-    bits |= positive_pair_bits<T>(word.x, k) | positive_pair_bits<T>(word.y, k + 2) |
-            positive_pair_bits<T>(word.z, k + 4) | positive_pair_bits<T>(word.w, k + 6);
-  }
-  return bits;
-}
-
-// Bit k set where src[k] > 0, for the k < n, pair by pair.
+// Bit k set where src[k] > 0, for the k < n.
 template <typename T, int W>
 __device__ __forceinline__ uint32_t positive_bits(const T* src, int n) {
+  using P = mma::Pair<T>;
   uint32_t bits = 0;
+  auto add = [&](uint32_t word, int k) {
+    typename P::type pair;
+    memcpy(&pair, &word, sizeof(word));
+    const float2 f = P::to_float2(pair);
+    bits |= (f.x > 0.0f ? 1u << k : 0u) | (f.y > 0.0f ? 2u << k : 0u);
+  };
+  if constexpr (W % 8 == 0) {
+    if (n >= W && aligned16(src)) {
+#pragma unroll
+      for (int k = 0; k < W; k += 8) {
+        const uint4 word = *reinterpret_cast<const uint4*>(src + k);
+        add(word.x, k);
+        add(word.y, k + 2);
+        add(word.z, k + 4);
+        add(word.w, k + 6);
+      }
+      return bits;
+    }
+  }
 #pragma unroll
   for (int k = 0; k < W; k += 2)
-    if (k < n) bits |= positive_pair_bits<T>(*reinterpret_cast<const uint32_t*>(src + k), k);
+    if (k < n) add(*reinterpret_cast<const uint32_t*>(src + k), k);
   return bits;
 }
 
@@ -588,6 +586,8 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
   // by pair each tile's epilogue waited out one memory round trip after another with no other
   // thread block to fill the SM. At OPT-1.3B, density 1, dH took 705 us pair by pair, 578 in runs
   // read first, and 349 with no epilogue at all (session 21): most of the rest is not yet placed.
+  // (Issuing the loads with no branch between them changed nothing, 576 us: ptxas still spaces
+  // them out, likely for the registers the accumulators hold.)
   __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
@@ -599,29 +599,12 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
       at = (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c;
       return row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
     };
-    // Every whole run's load first, with no branch between them, so that the compiler is free to
-    // issue them together; a run that is not whole (a ragged edge, an unaligned row, no row) loads
-    // from H's first aligned 16 bytes instead, and the few partial ones are read pair by pair
-    // after. (H's allocation holds those bytes: a view that starts unaligned starts inside an
-    // aligned allocation.) Measured against loads under each run's condition: no change (576
-    // against 578 us); ptxas still spaces the 16 loads out, likely for the registers the
-    // accumulators hold.
-    const T* somewhere = reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(p.h) & ~uintptr_t{15});
     uint32_t positive[R::kCount];
     int index = 0;
     R::positions([&](int row, int col) {
       int64_t at;
       const int n = place(row, col, at);
-      const bool whole = n >= W && aligned16(p.h + at);
-      const uint32_t bits = positive_bits_whole<T, W>(whole ? p.h + at : somewhere);
-      positive[index++] = whole ? bits : 0u;
-    });
-    index = 0;
-    R::positions([&](int row, int col) {
-      int64_t at;
-      const int n = place(row, col, at);
-      if (n > 0 && !(n >= W && aligned16(p.h + at))) positive[index] = positive_bits<T, W>(p.h + at, n);
-      ++index;
+      positive[index++] = n > 0 ? positive_bits<T, W>(p.h + at, n) : 0u;
     });
     // Column sums of the stored (rounded) dH, as the reference sums it, per column set held.
     float sums[R::kSlots][W] = {};
