@@ -69,8 +69,7 @@ struct BackwardParams {
 // engines that give no wider runs, Engine::kRun columns on those that do.
 template <typename Engine, typename = void>
 struct Runs {
-  // kCount: runs per thread, for an epilogue that visits them twice; 0: pairs are visited once.
-  static constexpr int kWidth = 2, kSlots = Engine::kSlots, kCount = 0;
+  static constexpr int kWidth = 2, kSlots = Engine::kSlots;
   template <typename F>
   __device__ static __forceinline__ void each(const typename Engine::Acc& acc, F f) {
     Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
@@ -82,14 +81,10 @@ struct Runs {
 };
 template <typename Engine>
 struct Runs<Engine, std::void_t<decltype(Engine::kRun)>> {
-  static constexpr int kWidth = Engine::kRun, kSlots = Engine::kRunSlots, kCount = Engine::kRuns;
+  static constexpr int kWidth = Engine::kRun, kSlots = Engine::kRunSlots;
   template <typename F>
   __device__ static __forceinline__ void each(const typename Engine::Acc& acc, F f) {
     Engine::for_each_run(acc, f);
-  }
-  template <typename F>
-  __device__ static __forceinline__ void positions(F f) {
-    Engine::for_each_run_position(f);
   }
   __device__ static __forceinline__ int column(int slot) { return Engine::run_column(slot); }
 };
@@ -121,34 +116,28 @@ __device__ __forceinline__ void store_run(T* dst, int n, const float (&v)[W]) {
     if (k < n) *reinterpret_cast<typename mma::Pair<T>::type*>(dst + k) = mma::Pair<T>::make(v[k], v[k + 1]);
 }
 
-// Bit k set where src[k] > 0, for the k < n.
-template <typename T, int W>
-__device__ __forceinline__ uint32_t positive_bits(const T* src, int n) {
+// Bit k set where the k-th of the 8 values in `word` is positive.
+template <typename T>
+__device__ __forceinline__ uint32_t positive_bits(const uint4& word) {
   using P = mma::Pair<T>;
   uint32_t bits = 0;
-  auto add = [&](uint32_t word, int k) {
+  const uint32_t pairs[4] = {word.x, word.y, word.z, word.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
     typename P::type pair;
-    memcpy(&pair, &word, sizeof(word));
+    memcpy(&pair, &pairs[k], sizeof(pair));
     const float2 f = P::to_float2(pair);
-    bits |= (f.x > 0.0f ? 1u << k : 0u) | (f.y > 0.0f ? 2u << k : 0u);
-  };
-  if constexpr (W % 8 == 0) {
-    if (n >= W && aligned16(src)) {
-#pragma unroll
-      for (int k = 0; k < W; k += 8) {
-        const uint4 word = *reinterpret_cast<const uint4*>(src + k);
-        add(word.x, k);
-        add(word.y, k + 2);
-        add(word.z, k + 4);
-        add(word.w, k + 6);
-      }
-      return bits;
-    }
+    bits |= (f.x > 0.0f ? 1u << (2 * k) : 0u) | (f.y > 0.0f ? 2u << (2 * k) : 0u);
   }
-#pragma unroll
-  for (int k = 0; k < W; k += 2)
-    if (k < n) add(*reinterpret_cast<const uint32_t*>(src + k), k);
   return bits;
+}
+
+// Bit k set where src[k] > 0, for the k < n (n even, at most 8).
+template <typename T>
+__device__ __forceinline__ uint32_t positive_bits(const T* src, int n) {
+  if (n >= 8 && aligned16(src)) return positive_bits<T>(*reinterpret_cast<const uint4*>(src));
+  auto pair = [&](int k) { return k < n ? *reinterpret_cast<const uint32_t*>(src + k) : 0u; };
+  return positive_bits<T>(make_uint4(pair(0), pair(2), pair(4), pair(6)));
 }
 
 // A value as it is stored.
@@ -173,8 +162,8 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
 // of fc1's stall samples (bench/RESULTS.md). Read first, their latency hides behind the first TMA
 // stages instead. They go to shared memory, past the engine's ring (the launcher reserves
 // EpilogueShared::kBytes for it): kept in registers they cost fc1 30 of them and spilled in the
-// 64-token configurations. (dH's ReLU mask, read from H the same way, was also tried read early,
-// into bits: the backward did not move, so it stays in the epilogue.)
+// 64-token configurations. (dH's ReLU mask, read from H by the consumers the same way, into bits,
+// did not move the backward; on the persistent engine other warps read it, see kAheadBytes.)
 template <typename Engine>
 struct EpilogueShared {
   static constexpr int kOffset = Engine::shared_bytes();  // past the ring
@@ -185,7 +174,15 @@ struct EpilogueShared {
   // for work is a shared-memory read, not a global load that thread waits on before the next, and
   // for fc1 and dH the first active tile of each token row (up to kCounts - 1 rows).
   static constexpr int kCounts = Engine::kPersistent ? 2048 : 0;
-  static constexpr int kBytes = (kBuffers * Engine::BN + 2 * kCounts) * 4;
+  // And for a Work that reads ahead (dH): two buffers of a byte per 8 output columns, filled by
+  // the producer's idle warps a tile or two before the epilogue that reads them, each with a full
+  // and an empty barrier.
+  static constexpr int kAheadBuffers = Engine::kPersistent ? 2 : 0;
+  static constexpr int kAheadBytes = Engine::BM * Engine::BN / 8;
+  static constexpr int kBarriersOffset = kOffset + (kBuffers * Engine::BN + 2 * kCounts) * 4;
+  static constexpr int kAheadOffset = kBarriersOffset + 2 * kAheadBuffers * 8;
+  static_assert(kBarriersOffset % 8 == 0 && kAheadOffset % 16 == 0, "barrier and 16-byte alignment");
+  static constexpr int kBytes = kAheadOffset + kAheadBuffers * kAheadBytes - kOffset;
   __device__ static __forceinline__ float* buffer(unsigned char* shared, int i) {
     return reinterpret_cast<float*>(shared + kOffset) + (i % kBuffers) * Engine::BN;
   }
@@ -193,6 +190,13 @@ struct EpilogueShared {
     return reinterpret_cast<int32_t*>(shared + kOffset) + kBuffers * Engine::BN;
   }
   __device__ static __forceinline__ int32_t* row_starts(unsigned char* shared) { return counts(shared) + kCounts; }
+  // Buffer i's full barrier; its empty one is kAheadBuffers further.
+  __device__ static __forceinline__ uint64_t* ahead_barrier(unsigned char* shared, int i) {
+    return reinterpret_cast<uint64_t*>(shared + kBarriersOffset) + i;
+  }
+  __device__ static __forceinline__ unsigned char* ahead(unsigned char* shared, int i) {
+    return shared + kAheadOffset + (i % kAheadBuffers) * kAheadBytes;
+  }
 };
 
 // s_bias[col] for each of the tile's BN output columns: the work's bias at bias_column(tile, col),
@@ -228,7 +232,9 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 //   group                               persistent engine may have each row's first one numbered,
 //                                       and otherwise the token-tile group of their order.
 //   bias(), bias_column(tile, col)      kBiased works only;
-//   epilogue(tile, acc, s_bias)         its stores.
+//   kReadsAhead, read_ahead(tile, buf,  what a persistent engine's idle producer warps bring into
+//     thread, threads)                  shared memory ahead of the epilogue (dH: H's signs);
+//   epilogue(tile, acc, s_bias, ahead)  its stores (ahead: read_ahead's buffer, or null).
 
 template <typename Engine>
 __host__ __device__ __forceinline__ unsigned token_tiles(const Dims& d) {
@@ -346,7 +352,7 @@ struct PairWork {
     Chunk frozen, lora;
     int main, extra;
   };
-  static constexpr bool kPairs = true;
+  static constexpr bool kPairs = true, kReadsAhead = false;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
@@ -397,7 +403,8 @@ struct Fc1 : PairWork<Engine, ForwardParams<T>> {
     const int j = col / Engine::kPieceN, c = col % Engine::kPieceN;
     return c < pick(t.pairs.cols, j) ? pick(t.pairs.n0, j) + c : -1;
   }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias) const {
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias,
+                           const unsigned char*) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
     const Dims& d = p.dims;
@@ -474,7 +481,7 @@ struct GatheredWork {
   using Chunk = typename Engine::Chunk;
   using Params = ParamsT;
   using Tile = GatheredTile<Chunk, Engine::kPieces>;
-  static constexpr bool kPairs = false;
+  static constexpr bool kPairs = false, kReadsAhead = false;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
 
@@ -530,7 +537,8 @@ struct Fc2 : GatheredWork<Engine, ForwardParams<T>> {
   }
   __device__ const T* bias() const { return p.b2; }
   __device__ int64_t bias_column(const Tile& t, int col) const { return t.first && col < t.cols ? t.n0 + col : -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias) const {
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias,
+                           const unsigned char*) const {
     const Dims& d = p.dims;
     T* out = t.first ? p.y + t.m0 * d.model + t.n0 : p.lora2_v + t.m0 * d.r2 + t.n0;
     const int64_t ld = t.first ? d.model : d.r2, rows = t.rows, cols = t.cols;
@@ -575,52 +583,69 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
   }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
-    if constexpr (Runs<Engine>::kCount > 0)
-      epilogue_runs(t, acc);
+  // A persistent engine's idle producer warps read H's signs for each tile ahead of its epilogue
+  // (read_ahead), a byte per run of 8 columns. Read by the consumers, after the products, each
+  // tile's epilogue waited out memory round trips with no other thread block to fill the SM: at
+  // OPT-1.3B, density 1, dH took 705 us pair by pair, 578 in runs with all of H's loads issued
+  // before any store, and 349 with no epilogue at all (session 21).
+  static constexpr bool kReadsAhead = true;
+  // signs[row * BN / 8 + col / 8] for each run of 8 columns of the tile; `threads` threads from
+  // `thread` share them, a multiple of BN / 8: each thread keeps one column run, a warp one row.
+  // The producer warps' registers (Engine::kAheadRegisters) hold little more than one address
+  // and kInFlight loads per thread.
+  __device__ void read_ahead(const Tile& t, unsigned char* signs, int thread, int threads) const {
+    constexpr int PN = Engine::kPieceN, kRow = Engine::BN / 8, kInFlight = 4;
+    const Dims& d = p.dims;
+    const int col = (thread % kRow) * 8, j = col / PN, c = col % PN, step = threads / kRow;
+    const int n = max(pick(t.pairs.cols, j) - c, 0), rows = t.pairs.rows < Engine::BM ? static_cast<int>(t.pairs.rows) : Engine::BM;
+    const T* base = p.h + t.pairs.m0 * d.neurons + pick(t.pairs.n0, j) + c;
+    const bool whole = n >= 8 && aligned16(base) && d.neurons % 8 == 0;
+    // kInFlight loads issued before any is used: one at a time, 96 threads kept about 1.5 KB in
+    // flight, too little to bring a 64 KB tile of H within a tile's products.
+    for (int first = thread / kRow; first < Engine::BM; first += kInFlight * step) {
+      uint4 words[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        const int row = first + k * step;
+        words[k] = whole && row < rows ? *reinterpret_cast<const uint4*>(base + row * d.neurons) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        const int row = first + k * step;
+        if (row >= Engine::BM) break;
+        const uint32_t bits = whole ? positive_bits<T>(words[k])
+                                    : row < rows && n > 0 ? positive_bits<T>(base + row * d.neurons, n) : 0u;
+        signs[row * kRow + col / 8] = static_cast<unsigned char>(bits);
+      }
+    }
+  }
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*,
+                           const unsigned char* signs) const {
+    if constexpr (Engine::kPersistent)
+      epilogue_runs(t, acc, signs);
     else
       epilogue_pairs(t, acc);
   }
-  // The persistent engine: H's signs for all of the thread's runs are read before any dH is
-  // stored. The compiler may not move a load of H past a store to dH (they might alias), and pair
-  // by pair each tile's epilogue waited out one memory round trip after another with no other
-  // thread block to fill the SM. At OPT-1.3B, density 1, dH took 705 us pair by pair, 578 in runs
-  // read first, and 349 with no epilogue at all (session 21): most of the rest is not yet placed.
-  // (Issuing the loads with no branch between them changed nothing, 576 us: ptxas still spaces
-  // them out, likely for the registers the accumulators hold.)
-  __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc) const {
+  __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc, const unsigned char* signs) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
+    static_assert(W == 8, "a sign byte per run");
     const Dims& d = p.dims;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
-    // A run's offset in H and dH, and how many of its columns exist (none: 0).
-    auto place = [&](int row, int col, int64_t& at) {
-      const int j = col / PN, c = col % PN;
-      at = (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c;
-      return row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
-    };
-    uint32_t positive[R::kCount];
-    int index = 0;
-    R::positions([&](int row, int col) {
-      int64_t at;
-      const int n = place(row, col, at);
-      positive[index++] = n > 0 ? positive_bits<T, W>(p.h + at, n) : 0u;
-    });
     // Column sums of the stored (rounded) dH, as the reference sums it, per column set held.
     float sums[R::kSlots][W] = {};
-    index = 0;
     R::each(acc, [&](int row, int col, const float (&v)[W], int slot) {
-      int64_t at;
-      const int n = place(row, col, at);
-      const uint32_t bits = positive[index++];
+      const int j = col / PN, c = col % PN;
+      const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
       if (n <= 0) return;
+      const uint32_t bits = signs[row * (Engine::BN / 8) + col / 8];
       float g[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         g[k] = rounded<T>((bits >> k) & 1 ? v[k] : 0.0f);
         sums[slot][k] += g[k];
       }
-      store_run<T>(p.dh + at, n, g);
+      store_run<T>(p.dh + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n, g);
     });
     if (!p.db1_sum) return;
     // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
@@ -701,7 +726,8 @@ struct Dx : GatheredWork<Engine, BackwardParams<T>> {
   }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*,
+                           const unsigned char*) const {
     const Dims& d = p.dims;
     const int64_t width = t.first ? d.model : d.r1, rows = t.rows, cols = t.cols;
     T* out = (t.first ? p.dx : p.dlora1_u) + t.m0 * width + t.n0;
@@ -725,7 +751,7 @@ __device__ __forceinline__ void run_tile(const Work& work, unsigned char* shared
   typename Engine::Acc acc;
   Engine::zero(acc);
   Engine::accumulate(acc, work.chunks(t), [&](int i) { return work.chunk(t, i); }, shared);
-  work.epilogue(t, acc, s_bias);
+  work.epilogue(t, acc, s_bias, nullptr);
 }
 
 template <typename Engine, typename Work>

@@ -73,10 +73,14 @@ struct PersistentEngine {
   static constexpr bool kLoadsByTma = true, kPersistent = true;
   static constexpr int kThreads = wgmma::kThreads * (kConsumers + 1), kMinBlocks = 1;
   static constexpr int kConsumerThreads = wgmma::kThreads * kConsumers;
-  // 384 threads share 64K registers: the producer gives up what the accumulators need.
+  // 384 threads share 168 registers each at launch: the producer gives up what the accumulators
+  // need. A Work that reads ahead (dH) gives its producer warps more, the consumers keeping 224
+  // with no spill: at 40, four loads in flight spilled.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-  static_assert(kProducerRegisters * wgmma::kThreads + kConsumerRegisters * kConsumerThreads <= 65536,
-                "the register file");
+  static constexpr int kAheadRegisters = 56, kAheadConsumerRegisters = 224;
+  static_assert(kProducerRegisters * wgmma::kThreads + kConsumerRegisters * kConsumerThreads <= 168 * kThreads &&
+                    kAheadRegisters * wgmma::kThreads + kAheadConsumerRegisters * kConsumerThreads <= 168 * kThreads,
+                "the registers the thread block is launched with");
   static constexpr int kABoxRows = BM, kBBoxRows = B_KMAJOR ? wgmma::kN : mma::kBK;
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<wgmma::kN, mma::kBK>, wgmma::PanelTile<mma::kBK>>;
@@ -122,7 +126,7 @@ struct PersistentEngine {
   // the four lanes of a row turns four such pairs per lane into one run per lane. Pair by pair, a
   // warp's store wrote 16 bytes of each of 8 rows: fc1 took 454 us with its epilogue and 358 us
   // without; in runs, 407 (OPT-1.3B, density 1, session 21).
-  static constexpr int kRun = 8, kRunSlots = kPieces * wgmma::kN / 32, kRuns = 2 * kRunSlots;
+  static constexpr int kRun = 8, kRunSlots = kPieces * wgmma::kN / 32;
   // f(row, col, v, slot) for v[0..8) at columns col.., slot numbering the thread's column sets (the
   // rows row and row + 8 share one). Call it from whole warps: the transpose is a warp shuffle.
   template <typename F>
@@ -144,14 +148,6 @@ struct PersistentEngine {
           exchange<1>(v, q & 1);
           f(run_row() + 8 * h, j * kPieceN + 32 * g + 8 * q, v, j * (wgmma::kN / 32) + g);
         }
-  }
-  // f(row, col) for each run, in for_each_run's order, without the values.
-  template <typename F>
-  __device__ static __forceinline__ void for_each_run_position(F f) {
-#pragma unroll
-    for (int slot = 0; slot < kRunSlots; ++slot)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) f(run_row() + 8 * h, run_column(slot));
   }
   __device__ static __forceinline__ int run_column(int slot) {
     return (slot / (wgmma::kN / 32)) * kPieceN + (slot % (wgmma::kN / 32)) * 32 + (threadIdx.x % 4) * 8;
@@ -240,18 +236,46 @@ struct PersistentEngine {
     uint64_t* empty = full + STAGES;
     auto stage_a = [&](int s) { return shared + s * kStageElements; };
     auto stage_b = [&](int s) { return shared + s * kStageElements + ATile::kElements; };
+    // What the producer's warps other than the first read ahead for the epilogue, in
+    // Epilogue::kAheadBuffers buffers used in turn (Work::read_ahead).
+    constexpr int kAheadThreads = wgmma::kThreads - 32;
+    auto ahead_full = [&](int i) { return Epilogue::ahead_barrier(raw, i % Epilogue::kAheadBuffers); };
+    auto ahead_empty = [&](int i) {
+      return Epilogue::ahead_barrier(raw, Epilogue::kAheadBuffers + i % Epilogue::kAheadBuffers);
+    };
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; ++s) {
         tma::barrier_init(&full[s], 1);
         tma::barrier_init(&empty[s], kConsumerThreads / 32);
       }
+      if constexpr (Work::kReadsAhead)
+        for (int i = 0; i < Epilogue::kAheadBuffers; ++i) {
+          tma::barrier_init(ahead_full(i), kAheadThreads);
+          tma::barrier_init(ahead_empty(i), kConsumerThreads);
+        }
       tma::fence_barrier_init();
     }
     __syncthreads();
     const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
 
     if (warpgroup == 0) {
-      lower_registers<kProducerRegisters>();
+      lower_registers<Work::kReadsAhead ? kAheadRegisters : kProducerRegisters>();
+      if constexpr (Work::kReadsAhead) {
+        if (threadIdx.x >= 32) {
+          // Tile k (counted over the block's tiles with work) into buffer k % kAheadBuffers once
+          // the consumers are done with its previous occupant.
+          int k = 0;
+          for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+            typename Work::Tile t;
+            if (!work.tile(w, t)) continue;
+            if (k >= Epilogue::kAheadBuffers) tma::wait(ahead_empty(k), (k / Epilogue::kAheadBuffers - 1) & 1);
+            work.read_ahead(t, Epilogue::ahead(raw, k), static_cast<int>(threadIdx.x) - 32, kAheadThreads);
+            tma::arrive_if(ahead_full(k), true);
+            ++k;
+          }
+          return;
+        }
+      }
       if (threadIdx.x != 0) return;
       // Chunk `it` (counted over all the block's tiles) into stage it % STAGES once its previous
       // occupant is released.
@@ -270,7 +294,7 @@ struct PersistentEngine {
       return;
     }
 
-    raise_registers<kConsumerRegisters>();
+    raise_registers<Work::kReadsAhead ? kAheadConsumerRegisters : kConsumerRegisters>();
     const int consumer_thread = static_cast<int>(threadIdx.x) - wgmma::kThreads;
     const int a_rows = (warpgroup - 1) * wgmma::kM * mma::kBK;
     const bool lane0 = threadIdx.x % 32 == 0;
@@ -279,7 +303,8 @@ struct PersistentEngine {
     for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
       typename Work::Tile t;
       if (!__shfl_sync(0xffffffffu, work.tile(w, t), 0)) continue;  // uniform, as n and live below
-      float* s_bias = EpilogueShared<PersistentEngine>::buffer(raw, done++);
+      const int k = done++;
+      float* s_bias = Epilogue::buffer(raw, k);
       // Each consumer thread's bias column (BN of them, one per thread), loaded here and stored
       // to shared memory only after the products: only the epilogue reads it, and the load's
       // latency, which the consumers waited out before every tile's first chunk, hides behind
@@ -320,7 +345,13 @@ struct PersistentEngine {
         s_bias[consumer_thread] = bias_value;
         consumers_sync(kConsumerThreads);
       }
-      work.epilogue(t, acc, s_bias);
+      if constexpr (Work::kReadsAhead) {
+        tma::wait(ahead_full(k), (k / Epilogue::kAheadBuffers) & 1);
+        work.epilogue(t, acc, s_bias, Epilogue::ahead(raw, k));
+        tma::arrive_if(ahead_empty(k), true);
+      } else {
+        work.epilogue(t, acc, s_bias, nullptr);
+      }
     }
   }
 };
