@@ -40,10 +40,10 @@ struct Dims {
 // The operands' tensor maps, encoded by the launcher for engines that load by TMA only; named
 // as the pointers are, a map per use where the box differs.
 struct ForwardMaps {
-  CUtensorMap x, w1, lora1_u, lora1_b, h, w2, lora2_a;
+  CUtensorMap x, w1, lora1_u, lora1_b, h, w2, lora2_a, y;
 };
 struct BackwardMaps {
-  CUtensorMap dy, dlora2_v, w2, lora2_a, dh, w1, lora1_b;
+  CUtensorMap dy, dlora2_v, w2, lora2_a, dh, w1, lora1_b, dx;
 };
 
 template <typename T>
@@ -116,6 +116,15 @@ __device__ __forceinline__ void store_run(T* dst, int n, const float (&v)[W]) {
     if (k < n) *reinterpret_cast<typename mma::Pair<T>::type*>(dst + k) = mma::Pair<T>::make(v[k], v[k + 1]);
 }
 
+// An epilogue's sink for the run of outputs at (row, col) of the tile, dst in global memory, n of
+// its columns inside the output: stored at once. (The persistent engine's sink may stage it.)
+struct StoreNow {
+  template <typename T, int W>
+  __device__ __forceinline__ void operator()(int, int, T* dst, int n, const float (&v)[W]) const {
+    store_run<T>(dst, n, v);
+  }
+};
+
 // Bit k set where the k-th of the 8 values in `word` is positive.
 template <typename T>
 __device__ __forceinline__ uint32_t positive_bits(const uint4& word) {
@@ -173,11 +182,11 @@ struct EpilogueShared {
   // A persistent engine also keeps the mask's counts (up to kCounts tiles) where each tile's test
   // for work is a shared-memory read, not a global load that thread waits on before the next, and
   // for fc1 and dH the first active tile of each token row (up to kCounts - 1 rows).
-  static constexpr int kCounts = Engine::kPersistent ? 2048 : 0;
+  static constexpr int kCounts = Engine::kPersistent ? 1024 : 0;
   // And for a Work that reads ahead (dH): two buffers of a byte per 8 output columns, filled by
   // the producer's idle warps a tile or two before the epilogue that reads them, each with a full
   // and an empty barrier.
-  static constexpr int kAheadBuffers = Engine::kPersistent ? 2 : 0;
+  static constexpr int kAheadBuffers = Engine::kPersistent ? 1 : 0;
   static constexpr int kAheadBytes = Engine::BM * Engine::BN / 8;
   static constexpr int kBarriersOffset = kOffset + (kBuffers * Engine::BN + 2 * kCounts) * 4;
   static constexpr int kAheadOffset = kBarriersOffset + 2 * kAheadBuffers * 8;
@@ -234,7 +243,10 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 //   bias(), bias_column(tile, col)      kBiased works only;
 //   kReadsAhead, read_ahead(tile, buf,  what a persistent engine's idle producer warps bring into
 //     thread, threads)                  shared memory ahead of the epilogue (dH: H's signs);
-//   epilogue(tile, acc, s_bias, ahead)  its stores (ahead: read_ahead's buffer, or null).
+//   staged(tile), store_boxes(tile, f)  whether a persistent engine may store the tile's outputs
+//                                       through shared memory, and the TMA boxes it stores;
+//   epilogue(tile, acc, s_bias, ahead,  its outputs, each run handed to sink(row, col, dst, n, v)
+//            sink)                      (ahead: read_ahead's buffer, or null).
 
 template <typename Engine>
 __host__ __device__ __forceinline__ unsigned token_tiles(const Dims& d) {
@@ -369,6 +381,17 @@ struct PairWork {
   __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
   __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
   __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
+  // f(box, column, row) for each 64-column box of the tile's outputs in a [tokens, neurons] matrix
+  // (box b: the tile's columns 64 b..), both halves of each piece with columns.
+  template <typename F>
+  __device__ void pair_boxes(const Tile& t, F f) const {
+    constexpr int kHalves = Engine::kPieceN / 64;
+#pragma unroll
+    for (int j = 0; j < Engine::kPieces; ++j)
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+        if (t.pairs.cols[j] > 64 * h) f(j * kHalves + h, t.pairs.n0[j] + 64 * h, static_cast<int>(t.pairs.m0));
+  }
 };
 
 // fc1 over active pairs: relu(X @ W1^T (+ U1 @ B1^T) + b1) into H.
@@ -399,12 +422,19 @@ struct Fc1 : PairWork<Engine, ForwardParams<T>> {
     return true;
   }
   __device__ const T* bias() const { return p.b1; }
+  // A persistent engine may store the tile through shared memory, box by box (store_boxes).
+  __device__ bool staged(const Tile&) const { return true; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::pair_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.h, b, c0, c1); });
+  }
   __device__ int64_t bias_column(const Tile& t, int col) const {
     const int j = col / Engine::kPieceN, c = col % Engine::kPieceN;
     return c < pick(t.pairs.cols, j) ? pick(t.pairs.n0, j) + c : -1;
   }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias,
-                           const unsigned char*) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias, const unsigned char*,
+                           Sink& sink) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
     const Dims& d = p.dims;
@@ -416,7 +446,7 @@ struct Fc1 : PairWork<Engine, ForwardParams<T>> {
       float out[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) out[k] = fmaxf(v[k] + s_bias[col + k], 0.0f);
-      store_run<T>(p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, cols - c, out);
+      sink(row, col, p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, cols - c, out);
     });
   }
 };
@@ -511,6 +541,13 @@ struct GatheredWork {
     t.list = p.indices + tile * d.capacity;
     t.n_chunks = counts[tile] * static_cast<int>(d.block_n / mma::kBK);
   }
+  // f(box, column, row) for each 64-column box of the tile's outputs that has columns.
+  template <typename F>
+  __device__ void column_boxes(const Tile& t, F f) const {
+#pragma unroll
+    for (int b = 0; b < Engine::BN / 64; ++b)
+      if (t.cols > 64 * b) f(b, static_cast<int>(t.n0) + 64 * b, static_cast<int>(t.m0));
+  }
   __device__ int chunks(const Tile& t) const { return t.n_chunks; }
   __device__ bool live(const Tile& t, int j) const { return t.live[j]; }
   __device__ Chunk chunk(const Tile& t, int i) const {
@@ -536,9 +573,17 @@ struct Fc2 : GatheredWork<Engine, ForwardParams<T>> {
     return true;
   }
   __device__ const T* bias() const { return p.b2; }
+  // Y's tiles through shared memory; V2's (a few LoRA columns, rows of a TMA box's width at most)
+  // from registers.
+  __device__ bool staged(const Tile& t) const { return t.first; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::column_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.y, b, c0, c1); });
+  }
   __device__ int64_t bias_column(const Tile& t, int col) const { return t.first && col < t.cols ? t.n0 + col : -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias,
-                           const unsigned char*) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias, const unsigned char*,
+                           Sink& sink) const {
     const Dims& d = p.dims;
     T* out = t.first ? p.y + t.m0 * d.model + t.n0 : p.lora2_v + t.m0 * d.r2 + t.n0;
     const int64_t ld = t.first ? d.model : d.r2, rows = t.rows, cols = t.cols;
@@ -549,7 +594,7 @@ struct Fc2 : GatheredWork<Engine, ForwardParams<T>> {
       float biased[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) biased[k] = v[k] + s_bias[col + k];
-      store_run<T>(out + row * ld + col, static_cast<int>(cols - col), biased);
+      sink(row, col, out + row * ld + col, static_cast<int>(cols - col), biased);
     });
   }
 };
@@ -589,6 +634,11 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
   // OPT-1.3B, density 1, dH took 705 us pair by pair, 578 in runs with all of H's loads issued
   // before any store, and 349 with no epilogue at all (session 21).
   static constexpr bool kReadsAhead = true;
+  __device__ bool staged(const Tile&) const { return true; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::pair_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.dh, b, c0, c1); });
+  }
   // signs[row * BN / 8 + col / 8] for each run of 8 columns of the tile; `threads` threads from
   // `thread` share them, a multiple of BN / 8: each thread keeps one column run, a warp one row.
   // The producer warps' registers (Engine::kAheadRegisters) hold little more than one address
@@ -619,14 +669,17 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
       }
     }
   }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*,
-                           const unsigned char* signs) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*, const unsigned char* signs,
+                           Sink& sink) const {
     if constexpr (Engine::kPersistent)
-      epilogue_runs(t, acc, signs);
+      epilogue_runs(t, acc, signs, sink);
     else
       epilogue_pairs(t, acc);
   }
-  __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc, const unsigned char* signs) const {
+  template <typename Sink>
+  __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc, const unsigned char* signs,
+                                Sink& sink) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
     static_assert(W == 8, "a sign byte per run");
@@ -645,7 +698,7 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
         g[k] = rounded<T>((bits >> k) & 1 ? v[k] : 0.0f);
         sums[slot][k] += g[k];
       }
-      store_run<T>(p.dh + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n, g);
+      sink(row, col, p.dh + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n, g);
     });
     if (!p.db1_sum) return;
     // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
@@ -724,16 +777,22 @@ struct Dx : GatheredWork<Engine, BackwardParams<T>> {
                 p.lora1_b, &p.maps.lora1_b, 1, true);
     return true;
   }
+  __device__ bool staged(const Tile& t) const { return t.first; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::column_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.dx, b, c0, c1); });
+  }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*,
-                           const unsigned char*) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*, const unsigned char*,
+                           Sink& sink) const {
     const Dims& d = p.dims;
     const int64_t width = t.first ? d.model : d.r1, rows = t.rows, cols = t.cols;
     T* out = (t.first ? p.dx : p.dlora1_u) + t.m0 * width + t.n0;
     using R = Runs<Engine>;
     R::each(acc, [&](int row, int col, const float (&v)[R::kWidth], int) {
-      if (row < rows && col < cols) store_run<T>(out + row * width + col, static_cast<int>(cols - col), v);
+      if (row < rows && col < cols) sink(row, col, out + row * width + col, static_cast<int>(cols - col), v);
     });
   }
 };
@@ -751,7 +810,8 @@ __device__ __forceinline__ void run_tile(const Work& work, unsigned char* shared
   typename Engine::Acc acc;
   Engine::zero(acc);
   Engine::accumulate(acc, work.chunks(t), [&](int i) { return work.chunk(t, i); }, shared);
-  work.epilogue(t, acc, s_bias, nullptr);
+  StoreNow sink;
+  work.epilogue(t, acc, s_bias, nullptr, sink);
 }
 
 template <typename Engine, typename Work>

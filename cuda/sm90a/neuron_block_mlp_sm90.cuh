@@ -31,7 +31,7 @@ using Tma64x256Pair = wgmma::TmaEngine<T, B_KMAJOR, 2, 1, 2, 2>;
 template <typename T, bool B_KMAJOR>
 using Tma128x128Pair = wgmma::TmaEngine<T, B_KMAJOR, 3, 2, 1, 2>;
 template <typename T, bool B_KMAJOR>
-using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 4>;
+using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 3>;
 template <typename T, bool B_KMAJOR>
 using CpAsync64x256 = wgmma::Engine<T, B_KMAJOR, kStages, 1, 2>;
 template <typename T, bool B_KMAJOR>
