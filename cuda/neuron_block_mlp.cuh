@@ -81,10 +81,14 @@ struct Runs {
 };
 template <typename Engine>
 struct Runs<Engine, std::void_t<decltype(Engine::kRun)>> {
-  static constexpr int kWidth = Engine::kRun, kSlots = Engine::kRunSlots;
+  static constexpr int kWidth = Engine::kRun, kSlots = Engine::kRunSlots, kCount = Engine::kRuns;
   template <typename F>
   __device__ static __forceinline__ void each(const typename Engine::Acc& acc, F f) {
     Engine::for_each_run(acc, f);
+  }
+  template <typename F>
+  __device__ static __forceinline__ void positions(F f) {
+    Engine::for_each_run_position(f);
   }
   __device__ static __forceinline__ int column(int slot) { return Engine::run_column(slot); }
 };
@@ -173,6 +177,19 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
 // EpilogueShared::kBytes for it): kept in registers they cost fc1 30 of them and spilled in the
 // 64-token configurations. (dH's ReLU mask, read from H by the consumers the same way, into bits,
 // did not move the backward; on the persistent engine other warps read it, see kAheadBytes.)
+// What a persistent engine keeps in EpilogueShared (none on the others): the mask's counts for up
+// to `counts` tiles and `ahead_buffers` buffers for Work::read_ahead.
+struct Kept {
+  int counts, ahead_buffers;
+};
+template <typename Engine>
+constexpr Kept kept() {
+  if constexpr (Engine::kPersistent)
+    return {Engine::kCountsKept, Engine::kAheadBuffers};
+  else
+    return {0, 0};
+}
+
 template <typename Engine>
 struct EpilogueShared {
   static constexpr int kOffset = Engine::shared_bytes();  // past the ring
@@ -182,11 +199,11 @@ struct EpilogueShared {
   // A persistent engine also keeps the mask's counts (up to kCounts tiles) where each tile's test
   // for work is a shared-memory read, not a global load that thread waits on before the next, and
   // for fc1 and dH the first active tile of each token row (up to kCounts - 1 rows).
-  static constexpr int kCounts = Engine::kPersistent ? 1024 : 0;
+  static constexpr int kCounts = kept<Engine>().counts;
   // And for a Work that reads ahead (dH): two buffers of a byte per 8 output columns, filled by
   // the producer's idle warps a tile or two before the epilogue that reads them, each with a full
   // and an empty barrier.
-  static constexpr int kAheadBuffers = Engine::kPersistent ? 1 : 0;
+  static constexpr int kAheadBuffers = kept<Engine>().ahead_buffers;
   static constexpr int kAheadBytes = Engine::BM * Engine::BN / 8;
   static constexpr int kBarriersOffset = kOffset + (kBuffers * Engine::BN + 2 * kCounts) * 4;
   static constexpr int kAheadOffset = kBarriersOffset + 2 * kAheadBuffers * 8;
@@ -204,7 +221,7 @@ struct EpilogueShared {
     return reinterpret_cast<uint64_t*>(shared + kBarriersOffset) + i;
   }
   __device__ static __forceinline__ unsigned char* ahead(unsigned char* shared, int i) {
-    return shared + kAheadOffset + (i % kAheadBuffers) * kAheadBytes;
+    return shared + kAheadOffset + (i % (kAheadBuffers > 0 ? kAheadBuffers : 1)) * kAheadBytes;
   }
 };
 
@@ -685,13 +702,33 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
     static_assert(W == 8, "a sign byte per run");
     const Dims& d = p.dims;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
+    // H's signs: read ahead into shared memory by the producer's warps (an AHEAD engine), or here,
+    // every run's before any dH is stored: the compiler may not move a load of H past a store to dH
+    // (they might alias), and pair by pair each tile waited out one memory round trip after
+    // another. (Issuing the loads with no branch between them changed nothing, session 21.)
+    constexpr bool kAhead = EpilogueShared<Engine>::kAheadBuffers > 0;
+    uint32_t positive[kAhead ? 1 : R::kCount];
+    if constexpr (!kAhead) {
+      int index = 0;
+      R::positions([&](int row, int col) {
+        const int j = col / PN, c = col % PN;
+        const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
+        positive[index++] = n > 0 ? positive_bits<T>(p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n) : 0u;
+      });
+    }
     // Column sums of the stored (rounded) dH, as the reference sums it, per column set held.
     float sums[R::kSlots][W] = {};
+    int index = 0;
     R::each(acc, [&](int row, int col, const float (&v)[W], int slot) {
       const int j = col / PN, c = col % PN;
       const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
+      const int at = index++;
       if (n <= 0) return;
-      const uint32_t bits = signs[row * (Engine::BN / 8) + col / 8];
+      uint32_t bits;
+      if constexpr (kAhead)
+        bits = signs[row * (Engine::BN / 8) + col / 8];
+      else
+        bits = positive[at];
       float g[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) {

@@ -63,7 +63,11 @@ __device__ __forceinline__ unsigned prefix_sums(int32_t* starts, unsigned n, Val
   return static_cast<unsigned>(total);
 }
 
-template <typename T, bool B_KMAJOR, int STAGES>
+// AHEAD: dH's producer warps read H's signs ahead of its epilogue (Work::read_ahead). STAGED: the
+// consumers store fc1's, dH's and the frozen weights' columns of fc2's and dX's outputs through
+// shared memory by TMA (Work::store_boxes). Both are opt-in (LONG_EXPOSURE_MLP_KERNEL) until run on
+// the H200.
+template <typename T, bool B_KMAJOR, int STAGES, bool AHEAD = false, bool STAGED = false>
 struct PersistentEngine {
   static_assert(STAGES >= 2, "one stage computing, one loading");
   // Two consumer warpgroups of 64 rows, each multiplying its rows by both 128-column B pieces.
@@ -88,7 +92,10 @@ struct PersistentEngine {
   static constexpr uint32_t kABytes = ATile::kElements * sizeof(T), kPieceBytes = BTile::kElements * sizeof(T);
   // The consumers' outputs on their way to global memory: BN / 64 boxes of BM rows by 64 columns,
   // swizzled as TMA's 128-byte swizzle reads them.
-  static constexpr int kStagingElements = BM * BN;
+  static constexpr int kStagingElements = STAGED ? BM * BN : 0;
+  // What EpilogueShared keeps: the mask's counts for up to kCountsKept tiles, and kAheadBuffers
+  // buffers of H's signs; fewer beside the staging boxes, to fit.
+  static constexpr int kCountsKept = STAGED ? 1024 : 2048, kAheadBuffers = AHEAD ? (STAGED ? 1 : 2) : 0;
   // The ring, the staging boxes, their 1 KiB alignment slack, and a full and an empty barrier per
   // stage.
   static constexpr int shared_bytes() {
@@ -168,6 +175,15 @@ struct PersistentEngine {
                      pair_bits<T>(v[6], v[7]));
     }
   };
+  // f(row, col) for each run, in for_each_run's order, without the values.
+  static constexpr int kRuns = 2 * kRunSlots;
+  template <typename F>
+  __device__ static __forceinline__ void for_each_run_position(F f) {
+#pragma unroll
+    for (int slot = 0; slot < kRunSlots; ++slot)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) f(run_row() + 8 * h, run_column(slot));
+  }
   __device__ static __forceinline__ int run_column(int slot) {
     return (slot / (wgmma::kN / 32)) * kPieceN + (slot % (wgmma::kN / 32)) * 32 + (threadIdx.x % 4) * 8;
   }
@@ -213,6 +229,7 @@ struct PersistentEngine {
 
   template <typename Work>
   __device__ static void run(const Work& mask_work, unsigned char* raw) {
+    constexpr bool kAhead = AHEAD && Work::kReadsAhead;
     using Epilogue = EpilogueShared<PersistentEngine>;
     Work work = mask_work;
     unsigned tiles = Work::width(work.p) * Work::height(work.p);
@@ -259,16 +276,15 @@ struct PersistentEngine {
     // What the producer's warps other than the first read ahead for the epilogue, in
     // Epilogue::kAheadBuffers buffers used in turn (Work::read_ahead).
     constexpr int kAheadThreads = wgmma::kThreads - 32;
-    auto ahead_full = [&](int i) { return Epilogue::ahead_barrier(raw, i % Epilogue::kAheadBuffers); };
-    auto ahead_empty = [&](int i) {
-      return Epilogue::ahead_barrier(raw, Epilogue::kAheadBuffers + i % Epilogue::kAheadBuffers);
-    };
+    constexpr int kAheadBuffers = Epilogue::kAheadBuffers > 0 ? Epilogue::kAheadBuffers : 1;
+    auto ahead_full = [&](int i) { return Epilogue::ahead_barrier(raw, i % kAheadBuffers); };
+    auto ahead_empty = [&](int i) { return Epilogue::ahead_barrier(raw, kAheadBuffers + i % kAheadBuffers); };
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; ++s) {
         tma::barrier_init(&full[s], 1);
         tma::barrier_init(&empty[s], kConsumerThreads / 32);
       }
-      if constexpr (Work::kReadsAhead)
+      if constexpr (kAhead)
         for (int i = 0; i < Epilogue::kAheadBuffers; ++i) {
           tma::barrier_init(ahead_full(i), kAheadThreads);
           tma::barrier_init(ahead_empty(i), kConsumerThreads);
@@ -279,8 +295,8 @@ struct PersistentEngine {
     const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
 
     if (warpgroup == 0) {
-      lower_registers<Work::kReadsAhead ? kAheadRegisters : kProducerRegisters>();
-      if constexpr (Work::kReadsAhead) {
+      lower_registers<kAhead ? kAheadRegisters : kProducerRegisters>();
+      if constexpr (kAhead) {
         if (threadIdx.x >= 32) {
           // Tile k (counted over the block's tiles with work) into buffer k % kAheadBuffers once
           // the consumers are done with its previous occupant.
@@ -288,7 +304,7 @@ struct PersistentEngine {
           for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
             typename Work::Tile t;
             if (!work.tile(w, t)) continue;
-            if (k >= Epilogue::kAheadBuffers) tma::wait(ahead_empty(k), (k / Epilogue::kAheadBuffers - 1) & 1);
+            if (k >= kAheadBuffers) tma::wait(ahead_empty(k), (k / kAheadBuffers - 1) & 1);
             work.read_ahead(t, Epilogue::ahead(raw, k), static_cast<int>(threadIdx.x) - 32, kAheadThreads);
             tma::arrive_if(ahead_full(k), true);
             ++k;
@@ -314,7 +330,7 @@ struct PersistentEngine {
       return;
     }
 
-    raise_registers<Work::kReadsAhead ? kAheadConsumerRegisters : kConsumerRegisters>();
+    raise_registers<kAhead ? kAheadConsumerRegisters : kConsumerRegisters>();
     const int consumer_thread = static_cast<int>(threadIdx.x) - wgmma::kThreads;
     const int a_rows = (warpgroup - 1) * wgmma::kM * mma::kBK;
     const bool lane0 = threadIdx.x % 32 == 0;
@@ -366,15 +382,15 @@ struct PersistentEngine {
         consumers_sync(kConsumerThreads);
       }
       const unsigned char* ahead = nullptr;
-      if constexpr (Work::kReadsAhead) {
-        tma::wait(ahead_full(k), (k / Epilogue::kAheadBuffers) & 1);
+      if constexpr (kAhead) {
+        tma::wait(ahead_full(k), (k / kAheadBuffers) & 1);
         ahead = Epilogue::ahead(raw, k);
       }
       // Through the staging boxes where the tile allows (stored by TMA while the next tile's
       // products run), else from registers. In the epilogue, stored from registers, each SM's
       // outputs went out while its tensor cores idled, and the SMs, in step, all at once: fc1
       // took 407 us with its stores and 358 without (OPT-1.3B, density 1, session 21).
-      if (__shfl_sync(0xffffffffu, work.staged(t), 0)) {
+      if (STAGED && __shfl_sync(0xffffffffu, work.staged(t), 0)) {
         // The previous tile's boxes are read out of the staging memory before it is written.
         if (consumer_thread == 0) tma::wait_stores_read();
         consumers_sync(kConsumerThreads);
@@ -392,9 +408,9 @@ struct PersistentEngine {
         StoreNow sink;
         work.epilogue(t, acc, s_bias, ahead, sink);
       }
-      if constexpr (Work::kReadsAhead) tma::arrive_if(ahead_empty(k), true);
+      if constexpr (kAhead) tma::arrive_if(ahead_empty(k), true);
     }
-    if (consumer_thread == 0) tma::wait_stores();
+    if (STAGED && consumer_thread == 0) tma::wait_stores();
   }
 };
 
