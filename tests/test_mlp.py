@@ -342,7 +342,7 @@ def check_cuda_kernel(shape, dtype, mask, lora_rank, bias, seed):
 
 
 mlp_kernel = kernel_choice("LONG_EXPOSURE_MLP_KERNEL", alternatives=("mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128",
-                                                                   "persistent-ahead", "persistent-staged"))
+                                                                   "persistent-plain", "persistent-staged"))
 
 
 @pytest.mark.gpu

@@ -31,12 +31,13 @@ using Tma64x256Pair = wgmma::TmaEngine<T, B_KMAJOR, 2, 1, 2, 2>;
 template <typename T, bool B_KMAJOR>
 using Tma128x128Pair = wgmma::TmaEngine<T, B_KMAJOR, 3, 2, 1, 2>;
 template <typename T, bool B_KMAJOR>
-using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 4>;
-// Opt-in until run on the H200 (persistent_mlp_engine.cuh): dH's signs of H read ahead by the
-// producer's warps (LONG_EXPOSURE_MLP_KERNEL=persistent-ahead), and with them every output stored
-// through shared memory by TMA, the ring cut to three stages to make room (persistent-staged).
+using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 4, true, false>;
+// dH's epilogue reading H's signs itself, as before session 22 (LONG_EXPOSURE_MLP_KERNEL=
+// persistent-plain): 7-8% slower at density 1, 4-7% at 0.5 (H100, bench/RESULTS.md). And every
+// output stored through shared memory by TMA, the ring cut to three stages to make room
+// (persistent-staged): slower than the default at every density there, 3-8%, so kept to compare.
 template <typename T, bool B_KMAJOR>
-using PersistentAhead128x256 = PersistentEngine<T, B_KMAJOR, 4, true, false>;
+using PersistentPlain128x256 = PersistentEngine<T, B_KMAJOR, 4>;
 template <typename T, bool B_KMAJOR>
 using PersistentStaged128x256 = PersistentEngine<T, B_KMAJOR, 3, true, true>;
 template <typename T, bool B_KMAJOR>
@@ -48,7 +49,7 @@ inline bool mlp_loads_by_cp_async() { return kernel_variable_is("LONG_EXPOSURE_M
 inline bool mlp_deep_ring() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-deep"); }
 inline bool mlp_wide_tall_tiles() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x256"); }
 inline bool mlp_tile_per_pair_of_blocks() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x128"); }
-inline bool mlp_reads_ahead() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-ahead"); }
+inline bool mlp_reads_h_in_epilogue() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-plain"); }
 inline bool mlp_stages_stores() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-staged"); }
 
 template <typename T>
@@ -60,8 +61,8 @@ void forward_hopper(const MlpForwardArgs& a) {
     forward_with<T, Tma128x256>(a);
   else if (tall && mlp_tile_per_pair_of_blocks())
     forward_with<T, Tma128x128Pair>(a);
-  else if (tall && mlp_reads_ahead())
-    forward_with<T, PersistentAhead128x256>(a);
+  else if (tall && mlp_reads_h_in_epilogue())
+    forward_with<T, PersistentPlain128x256>(a);
   else if (tall && mlp_stages_stores())
     forward_with<T, PersistentStaged128x256>(a);
   else if (tall)
@@ -79,8 +80,8 @@ void backward_hopper(const MlpBackwardArgs& a) {
     backward_with<T, Tma128x256>(a);
   else if (tall && mlp_tile_per_pair_of_blocks())
     backward_with<T, Tma128x128Pair>(a);
-  else if (tall && mlp_reads_ahead())
-    backward_with<T, PersistentAhead128x256>(a);
+  else if (tall && mlp_reads_h_in_epilogue())
+    backward_with<T, PersistentPlain128x256>(a);
   else if (tall && mlp_stages_stores())
     backward_with<T, PersistentStaged128x256>(a);
   else if (tall)

@@ -65,8 +65,7 @@ __device__ __forceinline__ unsigned prefix_sums(int32_t* starts, unsigned n, Val
 
 // AHEAD: dH's producer warps read H's signs ahead of its epilogue (Work::read_ahead). STAGED: the
 // consumers store fc1's, dH's and the frozen weights' columns of fc2's and dX's outputs through
-// shared memory by TMA (Work::store_boxes). Both are opt-in (LONG_EXPOSURE_MLP_KERNEL) until run on
-// the H200.
+// shared memory by TMA (Work::store_boxes). The default has AHEAD alone (neuron_block_mlp_sm90.cuh).
 template <typename T, bool B_KMAJOR, int STAGES, bool AHEAD = false, bool STAGED = false>
 struct PersistentEngine {
   static_assert(STAGES >= 2, "one stage computing, one loading");
@@ -386,10 +385,12 @@ struct PersistentEngine {
         tma::wait(ahead_full(k), (k / kAheadBuffers) & 1);
         ahead = Epilogue::ahead(raw, k);
       }
-      // Through the staging boxes where the tile allows (stored by TMA while the next tile's
-      // products run), else from registers. In the epilogue, stored from registers, each SM's
-      // outputs went out while its tensor cores idled, and the SMs, in step, all at once: fc1
-      // took 407 us with its stores and 358 without (OPT-1.3B, density 1, session 21).
+      // STAGED: through the staging boxes where the tile allows (stored by TMA while the next
+      // tile's products run), else from registers. Stored from registers, each SM's outputs go
+      // out while its tensor cores idle, and the SMs, in step, all at once: fc1 took 407 us with
+      // its stores and 358 without (OPT-1.3B, density 1, session 21). Staged, with the ring cut
+      // to three stages to make room, fwd+bwd measured 3-8% slower (H100, session 22): the ring
+      // costs more than the stores gain.
       if (STAGED && __shfl_sync(0xffffffffu, work.staged(t), 0)) {
         // The previous tile's boxes are read out of the staging memory before it is written.
         if (consumer_thread == 0) tma::wait_stores_read();
