@@ -42,12 +42,15 @@ def main() -> None:
     parser.add_argument("--tile-m", type=int, default=64)
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--kernels", nargs="+", default=["default", "mma"],
-                        choices=["default", "mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128"],
+                        choices=["default", "mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128", "persistent-plain",
+                                 "persistent-staged"],
                         help="default: what the device gets (wgmma fed by TMA on a Hopper, 128-token tiles on the persistent engine); mma: the portable "
                              "mma.sync kernels; cp-async: wgmma fed by the cp.async ring; tma-deep: "
                              "64-token tiles on one thread block per SM with a five-stage ring; tma-128x256: 128-token "
                              "tiles as one 128 x 256 product per thread block; tma-128x128: 128-token tiles as "
-                             "128 x 128 products, two thread blocks per SM")
+                             "128 x 128 products, two thread blocks per SM; persistent-plain: the persistent engine "
+                             "with dH reading H's signs in its epilogue (not ahead, in its producer's warps); "
+                             "persistent-staged: the default with every output stored through shared memory by TMA")
     args = parser.parse_args()
     dev, dt, T = "cuda", torch.bfloat16, args.tokens
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {T} tokens, bf16, "

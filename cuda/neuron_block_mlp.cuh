@@ -40,10 +40,10 @@ struct Dims {
 // The operands' tensor maps, encoded by the launcher for engines that load by TMA only; named
 // as the pointers are, a map per use where the box differs.
 struct ForwardMaps {
-  CUtensorMap x, w1, lora1_u, lora1_b, h, w2, lora2_a;
+  CUtensorMap x, w1, lora1_u, lora1_b, h, w2, lora2_a, y;
 };
 struct BackwardMaps {
-  CUtensorMap dy, dlora2_v, w2, lora2_a, dh, w1, lora1_b;
+  CUtensorMap dy, dlora2_v, w2, lora2_a, dh, w1, lora1_b, dx;
 };
 
 template <typename T>
@@ -69,8 +69,7 @@ struct BackwardParams {
 // engines that give no wider runs, Engine::kRun columns on those that do.
 template <typename Engine, typename = void>
 struct Runs {
-  // kCount: runs per thread, for an epilogue that visits them twice; 0: pairs are visited once.
-  static constexpr int kWidth = 2, kSlots = Engine::kSlots, kCount = 0;
+  static constexpr int kWidth = 2, kSlots = Engine::kSlots;
   template <typename F>
   __device__ static __forceinline__ void each(const typename Engine::Acc& acc, F f) {
     Engine::for_each_pair(acc, [&](int row, int col, float v0, float v1, int slot) {
@@ -121,34 +120,37 @@ __device__ __forceinline__ void store_run(T* dst, int n, const float (&v)[W]) {
     if (k < n) *reinterpret_cast<typename mma::Pair<T>::type*>(dst + k) = mma::Pair<T>::make(v[k], v[k + 1]);
 }
 
-// Bit k set where src[k] > 0, for the k < n.
-template <typename T, int W>
-__device__ __forceinline__ uint32_t positive_bits(const T* src, int n) {
+// An epilogue's sink for the run of outputs at (row, col) of the tile, dst in global memory, n of
+// its columns inside the output: stored at once. (The persistent engine's sink may stage it.)
+struct StoreNow {
+  template <typename T, int W>
+  __device__ __forceinline__ void operator()(int, int, T* dst, int n, const float (&v)[W]) const {
+    store_run<T>(dst, n, v);
+  }
+};
+
+// Bit k set where the k-th of the 8 values in `word` is positive.
+template <typename T>
+__device__ __forceinline__ uint32_t positive_bits(const uint4& word) {
   using P = mma::Pair<T>;
   uint32_t bits = 0;
-  auto add = [&](uint32_t word, int k) {
+  const uint32_t pairs[4] = {word.x, word.y, word.z, word.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
     typename P::type pair;
-    memcpy(&pair, &word, sizeof(word));
+    memcpy(&pair, &pairs[k], sizeof(pair));
     const float2 f = P::to_float2(pair);
-    bits |= (f.x > 0.0f ? 1u << k : 0u) | (f.y > 0.0f ? 2u << k : 0u);
-  };
-  if constexpr (W % 8 == 0) {
-    if (n >= W && aligned16(src)) {
-#pragma unroll
-      for (int k = 0; k < W; k += 8) {
-        const uint4 word = *reinterpret_cast<const uint4*>(src + k);
-        add(word.x, k);
-        add(word.y, k + 2);
-        add(word.z, k + 4);
-        add(word.w, k + 6);
-      }
-      return bits;
-    }
+    bits |= (f.x > 0.0f ? 1u << (2 * k) : 0u) | (f.y > 0.0f ? 2u << (2 * k) : 0u);
   }
-#pragma unroll
-  for (int k = 0; k < W; k += 2)
-    if (k < n) add(*reinterpret_cast<const uint32_t*>(src + k), k);
   return bits;
+}
+
+// Bit k set where src[k] > 0, for the k < n (n even, at most 8).
+template <typename T>
+__device__ __forceinline__ uint32_t positive_bits(const T* src, int n) {
+  if (n >= 8 && aligned16(src)) return positive_bits<T>(*reinterpret_cast<const uint4*>(src));
+  auto pair = [&](int k) { return k < n ? *reinterpret_cast<const uint32_t*>(src + k) : 0u; };
+  return positive_bits<T>(make_uint4(pair(0), pair(2), pair(4), pair(6)));
 }
 
 // A value as it is stored.
@@ -173,8 +175,21 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
 // of fc1's stall samples (bench/RESULTS.md). Read first, their latency hides behind the first TMA
 // stages instead. They go to shared memory, past the engine's ring (the launcher reserves
 // EpilogueShared::kBytes for it): kept in registers they cost fc1 30 of them and spilled in the
-// 64-token configurations. (dH's ReLU mask, read from H the same way, was also tried read early,
-// into bits: the backward did not move, so it stays in the epilogue.)
+// 64-token configurations. (dH's ReLU mask, read from H by the consumers the same way, into bits,
+// did not move the backward; on the persistent engine other warps read it, see kAheadBytes.)
+// What a persistent engine keeps in EpilogueShared (none on the others): the mask's counts for up
+// to `counts` tiles and `ahead_buffers` buffers for Work::read_ahead.
+struct Kept {
+  int counts, ahead_buffers;
+};
+template <typename Engine>
+constexpr Kept kept() {
+  if constexpr (Engine::kPersistent)
+    return {Engine::kCountsKept, Engine::kAheadBuffers};
+  else
+    return {0, 0};
+}
+
 template <typename Engine>
 struct EpilogueShared {
   static constexpr int kOffset = Engine::shared_bytes();  // past the ring
@@ -184,8 +199,16 @@ struct EpilogueShared {
   // A persistent engine also keeps the mask's counts (up to kCounts tiles) where each tile's test
   // for work is a shared-memory read, not a global load that thread waits on before the next, and
   // for fc1 and dH the first active tile of each token row (up to kCounts - 1 rows).
-  static constexpr int kCounts = Engine::kPersistent ? 2048 : 0;
-  static constexpr int kBytes = (kBuffers * Engine::BN + 2 * kCounts) * 4;
+  static constexpr int kCounts = kept<Engine>().counts;
+  // And for a Work that reads ahead (dH): two buffers of a byte per 8 output columns, filled by
+  // the producer's idle warps a tile or two before the epilogue that reads them, each with a full
+  // and an empty barrier.
+  static constexpr int kAheadBuffers = kept<Engine>().ahead_buffers;
+  static constexpr int kAheadBytes = Engine::BM * Engine::BN / 8;
+  static constexpr int kBarriersOffset = kOffset + (kBuffers * Engine::BN + 2 * kCounts) * 4;
+  static constexpr int kAheadOffset = kBarriersOffset + 2 * kAheadBuffers * 8;
+  static_assert(kBarriersOffset % 8 == 0 && kAheadOffset % 16 == 0, "barrier and 16-byte alignment");
+  static constexpr int kBytes = kAheadOffset + kAheadBuffers * kAheadBytes - kOffset;
   __device__ static __forceinline__ float* buffer(unsigned char* shared, int i) {
     return reinterpret_cast<float*>(shared + kOffset) + (i % kBuffers) * Engine::BN;
   }
@@ -193,6 +216,13 @@ struct EpilogueShared {
     return reinterpret_cast<int32_t*>(shared + kOffset) + kBuffers * Engine::BN;
   }
   __device__ static __forceinline__ int32_t* row_starts(unsigned char* shared) { return counts(shared) + kCounts; }
+  // Buffer i's full barrier; its empty one is kAheadBuffers further.
+  __device__ static __forceinline__ uint64_t* ahead_barrier(unsigned char* shared, int i) {
+    return reinterpret_cast<uint64_t*>(shared + kBarriersOffset) + i;
+  }
+  __device__ static __forceinline__ unsigned char* ahead(unsigned char* shared, int i) {
+    return shared + kAheadOffset + (i % (kAheadBuffers > 0 ? kAheadBuffers : 1)) * kAheadBytes;
+  }
 };
 
 // s_bias[col] for each of the tile's BN output columns: the work's bias at bias_column(tile, col),
@@ -228,7 +258,12 @@ using LoraGradConfig = mma::Config<64, 64, 2, 2, kStages, false, false>;
 //   group                               persistent engine may have each row's first one numbered,
 //                                       and otherwise the token-tile group of their order.
 //   bias(), bias_column(tile, col)      kBiased works only;
-//   epilogue(tile, acc, s_bias)         its stores.
+//   kReadsAhead, read_ahead(tile, buf,  what a persistent engine's idle producer warps bring into
+//     thread, threads)                  shared memory ahead of the epilogue (dH: H's signs);
+//   staged(tile), store_boxes(tile, f)  whether a persistent engine may store the tile's outputs
+//                                       through shared memory, and the TMA boxes it stores;
+//   epilogue(tile, acc, s_bias, ahead,  its outputs, each run handed to sink(row, col, dst, n, v)
+//            sink)                      (ahead: read_ahead's buffer, or null).
 
 template <typename Engine>
 __host__ __device__ __forceinline__ unsigned token_tiles(const Dims& d) {
@@ -346,7 +381,7 @@ struct PairWork {
     Chunk frozen, lora;
     int main, extra;
   };
-  static constexpr bool kPairs = true;
+  static constexpr bool kPairs = true, kReadsAhead = false;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
   const int32_t* pair_starts = nullptr;  // pair_position's
@@ -363,6 +398,17 @@ struct PairWork {
   __device__ int chunks(const Tile& t) const { return t.main + t.extra; }
   __device__ bool live(const Tile& t, int j) const { return pick(t.pairs.cols, j) > 0; }
   __device__ Chunk chunk(const Tile& t, int i) const { return frozen_then_lora(t.frozen, t.lora, t.main, i); }
+  // f(box, column, row) for each 64-column box of the tile's outputs in a [tokens, neurons] matrix
+  // (box b: the tile's columns 64 b..), both halves of each piece with columns.
+  template <typename F>
+  __device__ void pair_boxes(const Tile& t, F f) const {
+    constexpr int kHalves = Engine::kPieceN / 64;
+#pragma unroll
+    for (int j = 0; j < Engine::kPieces; ++j)
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+        if (t.pairs.cols[j] > 64 * h) f(j * kHalves + h, t.pairs.n0[j] + 64 * h, static_cast<int>(t.pairs.m0));
+  }
 };
 
 // fc1 over active pairs: relu(X @ W1^T (+ U1 @ B1^T) + b1) into H.
@@ -393,11 +439,19 @@ struct Fc1 : PairWork<Engine, ForwardParams<T>> {
     return true;
   }
   __device__ const T* bias() const { return p.b1; }
+  // A persistent engine may store the tile through shared memory, box by box (store_boxes).
+  __device__ bool staged(const Tile&) const { return true; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::pair_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.h, b, c0, c1); });
+  }
   __device__ int64_t bias_column(const Tile& t, int col) const {
     const int j = col / Engine::kPieceN, c = col % Engine::kPieceN;
     return c < pick(t.pairs.cols, j) ? pick(t.pairs.n0, j) + c : -1;
   }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias, const unsigned char*,
+                           Sink& sink) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
     const Dims& d = p.dims;
@@ -409,7 +463,7 @@ struct Fc1 : PairWork<Engine, ForwardParams<T>> {
       float out[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) out[k] = fmaxf(v[k] + s_bias[col + k], 0.0f);
-      store_run<T>(p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, cols - c, out);
+      sink(row, col, p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, cols - c, out);
     });
   }
 };
@@ -474,7 +528,7 @@ struct GatheredWork {
   using Chunk = typename Engine::Chunk;
   using Params = ParamsT;
   using Tile = GatheredTile<Chunk, Engine::kPieces>;
-  static constexpr bool kPairs = false;
+  static constexpr bool kPairs = false, kReadsAhead = false;
   const Params& p;
   const int32_t* counts = p.counts;  // the mask's, or a copy of them in shared memory
 
@@ -504,6 +558,13 @@ struct GatheredWork {
     t.list = p.indices + tile * d.capacity;
     t.n_chunks = counts[tile] * static_cast<int>(d.block_n / mma::kBK);
   }
+  // f(box, column, row) for each 64-column box of the tile's outputs that has columns.
+  template <typename F>
+  __device__ void column_boxes(const Tile& t, F f) const {
+#pragma unroll
+    for (int b = 0; b < Engine::BN / 64; ++b)
+      if (t.cols > 64 * b) f(b, static_cast<int>(t.n0) + 64 * b, static_cast<int>(t.m0));
+  }
   __device__ int chunks(const Tile& t) const { return t.n_chunks; }
   __device__ bool live(const Tile& t, int j) const { return t.live[j]; }
   __device__ Chunk chunk(const Tile& t, int i) const {
@@ -529,8 +590,17 @@ struct Fc2 : GatheredWork<Engine, ForwardParams<T>> {
     return true;
   }
   __device__ const T* bias() const { return p.b2; }
+  // Y's tiles through shared memory; V2's (a few LoRA columns, rows of a TMA box's width at most)
+  // from registers.
+  __device__ bool staged(const Tile& t) const { return t.first; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::column_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.y, b, c0, c1); });
+  }
   __device__ int64_t bias_column(const Tile& t, int col) const { return t.first && col < t.cols ? t.n0 + col : -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float* s_bias, const unsigned char*,
+                           Sink& sink) const {
     const Dims& d = p.dims;
     T* out = t.first ? p.y + t.m0 * d.model + t.n0 : p.lora2_v + t.m0 * d.r2 + t.n0;
     const int64_t ld = t.first ? d.model : d.r2, rows = t.rows, cols = t.cols;
@@ -541,7 +611,7 @@ struct Fc2 : GatheredWork<Engine, ForwardParams<T>> {
       float biased[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) biased[k] = v[k] + s_bias[col + k];
-      store_run<T>(out + row * ld + col, static_cast<int>(cols - col), biased);
+      sink(row, col, out + row * ld + col, static_cast<int>(cols - col), biased);
     });
   }
 };
@@ -575,52 +645,98 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
   }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
-    if constexpr (Runs<Engine>::kCount > 0)
-      epilogue_runs(t, acc);
+  // A persistent engine's idle producer warps read H's signs for each tile ahead of its epilogue
+  // (read_ahead), a byte per run of 8 columns. Read by the consumers, after the products, each
+  // tile's epilogue waited out memory round trips with no other thread block to fill the SM: at
+  // OPT-1.3B, density 1, dH took 705 us pair by pair, 578 in runs with all of H's loads issued
+  // before any store, and 349 with no epilogue at all (session 21). Read ahead, the backward at
+  // density 1 went from 1.015 to 0.888 ms (H100, session 22).
+  static constexpr bool kReadsAhead = true;
+  __device__ bool staged(const Tile&) const { return true; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::pair_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.dh, b, c0, c1); });
+  }
+  // signs[row * BN / 8 + col / 8] for each run of 8 columns of the tile; `threads` threads from
+  // `thread` share them, a multiple of BN / 8: each thread keeps one column run, a warp one row.
+  // The producer warps' registers (Engine::kAheadRegisters) hold little more than one address
+  // and kInFlight loads per thread.
+  __device__ void read_ahead(const Tile& t, unsigned char* signs, int thread, int threads) const {
+    constexpr int PN = Engine::kPieceN, kRow = Engine::BN / 8, kInFlight = 4;
+    const Dims& d = p.dims;
+    const int col = (thread % kRow) * 8, j = col / PN, c = col % PN, step = threads / kRow;
+    const int n = max(pick(t.pairs.cols, j) - c, 0), rows = t.pairs.rows < Engine::BM ? static_cast<int>(t.pairs.rows) : Engine::BM;
+    const T* base = p.h + t.pairs.m0 * d.neurons + pick(t.pairs.n0, j) + c;
+    const bool whole = n >= 8 && aligned16(base) && d.neurons % 8 == 0;
+    // kInFlight loads issued before any is used: one at a time, 96 threads kept about 1.5 KB in
+    // flight, too little to bring a 64 KB tile of H within a tile's products.
+    for (int first = thread / kRow; first < Engine::BM; first += kInFlight * step) {
+      uint4 words[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        const int row = first + k * step;
+        words[k] = whole && row < rows ? *reinterpret_cast<const uint4*>(base + row * d.neurons) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        const int row = first + k * step;
+        if (row >= Engine::BM) break;
+        const uint32_t bits = whole ? positive_bits<T>(words[k])
+                                    : row < rows && n > 0 ? positive_bits<T>(base + row * d.neurons, n) : 0u;
+        signs[row * kRow + col / 8] = static_cast<unsigned char>(bits);
+      }
+    }
+  }
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*, const unsigned char* signs,
+                           Sink& sink) const {
+    if constexpr (Engine::kPersistent)
+      epilogue_runs(t, acc, signs, sink);
     else
       epilogue_pairs(t, acc);
   }
-  // The persistent engine: H's signs for all of the thread's runs are read before any dH is
-  // stored. The compiler may not move a load of H past a store to dH (they might alias), and pair
-  // by pair each tile's epilogue waited out one memory round trip after another with no other
-  // thread block to fill the SM. At OPT-1.3B, density 1, dH took 705 us pair by pair, 578 in runs
-  // read first, and 349 with no epilogue at all (session 21): most of the rest is not yet placed.
-  // (Issuing the loads with no branch between them changed nothing, 576 us: ptxas still spaces
-  // them out, likely for the registers the accumulators hold.)
-  __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc) const {
+  template <typename Sink>
+  __device__ void epilogue_runs(const Tile& t, const typename Engine::Acc& acc, const unsigned char* signs,
+                                Sink& sink) const {
     using R = Runs<Engine>;
     constexpr int W = R::kWidth, PN = Engine::kPieceN;
+    static_assert(W == 8, "a sign byte per run");
     const Dims& d = p.dims;
     const int64_t m0 = t.pairs.m0, rows = t.pairs.rows;
-    // A run's offset in H and dH, and how many of its columns exist (none: 0).
-    auto place = [&](int row, int col, int64_t& at) {
-      const int j = col / PN, c = col % PN;
-      at = (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c;
-      return row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
-    };
-    uint32_t positive[R::kCount];
-    int index = 0;
-    R::positions([&](int row, int col) {
-      int64_t at;
-      const int n = place(row, col, at);
-      positive[index++] = n > 0 ? positive_bits<T, W>(p.h + at, n) : 0u;
-    });
+    // H's signs: read ahead into shared memory by the producer's warps (an AHEAD engine), or here,
+    // every run's before any dH is stored: the compiler may not move a load of H past a store to dH
+    // (they might alias), and pair by pair each tile waited out one memory round trip after
+    // another. (Issuing the loads with no branch between them changed nothing, session 21.)
+    constexpr bool kAhead = EpilogueShared<Engine>::kAheadBuffers > 0;
+    uint32_t positive[kAhead ? 1 : R::kCount];
+    if constexpr (!kAhead) {
+      int index = 0;
+      R::positions([&](int row, int col) {
+        const int j = col / PN, c = col % PN;
+        const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
+        positive[index++] = n > 0 ? positive_bits<T>(p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n) : 0u;
+      });
+    }
     // Column sums of the stored (rounded) dH, as the reference sums it, per column set held.
     float sums[R::kSlots][W] = {};
-    index = 0;
+    int index = 0;
     R::each(acc, [&](int row, int col, const float (&v)[W], int slot) {
-      int64_t at;
-      const int n = place(row, col, at);
-      const uint32_t bits = positive[index++];
+      const int j = col / PN, c = col % PN;
+      const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
+      const int at = index++;
       if (n <= 0) return;
+      uint32_t bits;
+      if constexpr (kAhead)
+        bits = signs[row * (Engine::BN / 8) + col / 8];
+      else
+        bits = positive[at];
       float g[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         g[k] = rounded<T>((bits >> k) & 1 ? v[k] : 0.0f);
         sums[slot][k] += g[k];
       }
-      store_run<T>(p.dh + at, n, g);
+      sink(row, col, p.dh + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n, g);
     });
     if (!p.db1_sum) return;
     // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
@@ -699,15 +815,22 @@ struct Dx : GatheredWork<Engine, BackwardParams<T>> {
                 p.lora1_b, &p.maps.lora1_b, 1, true);
     return true;
   }
+  __device__ bool staged(const Tile& t) const { return t.first; }
+  template <typename F>
+  __device__ void store_boxes(const Tile& t, F f) const {
+    Base::column_boxes(t, [&](int b, int c0, int c1) { f(&p.maps.dx, b, c0, c1); });
+  }
   __device__ const T* bias() const { return nullptr; }
   __device__ int64_t bias_column(const Tile&, int) const { return -1; }
-  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*) const {
+  template <typename Sink>
+  __device__ void epilogue(const Tile& t, const typename Engine::Acc& acc, const float*, const unsigned char*,
+                           Sink& sink) const {
     const Dims& d = p.dims;
     const int64_t width = t.first ? d.model : d.r1, rows = t.rows, cols = t.cols;
     T* out = (t.first ? p.dx : p.dlora1_u) + t.m0 * width + t.n0;
     using R = Runs<Engine>;
     R::each(acc, [&](int row, int col, const float (&v)[R::kWidth], int) {
-      if (row < rows && col < cols) store_run<T>(out + row * width + col, static_cast<int>(cols - col), v);
+      if (row < rows && col < cols) sink(row, col, out + row * width + col, static_cast<int>(cols - col), v);
     });
   }
 };
@@ -725,7 +848,8 @@ __device__ __forceinline__ void run_tile(const Work& work, unsigned char* shared
   typename Engine::Acc acc;
   Engine::zero(acc);
   Engine::accumulate(acc, work.chunks(t), [&](int i) { return work.chunk(t, i); }, shared);
-  work.epilogue(t, acc, s_bias);
+  StoreNow sink;
+  work.epilogue(t, acc, s_bias, nullptr, sink);
 }
 
 template <typename Engine, typename Work>

@@ -81,6 +81,7 @@ ForwardMaps forward_maps(const ForwardParams<T>& p) {
   m.lora1_u = tma::matrix_map(p.lora1_u, d.tokens, d.r1, a, "lora1_u");
   m.lora1_b = tma::matrix_map(p.lora1_b, d.neurons, d.r1, b, "lora1_b");
   m.lora2_a = tma::matrix_map(p.lora2_a, d.r2, d.neurons, b, "lora2_a");
+  m.y = tma::matrix_map(static_cast<const T*>(p.y), d.tokens, d.model, a, "y");
   return m;
 }
 // The backward's B operands are the forward's weights read MN-major: the boxes run along their
@@ -97,6 +98,7 @@ BackwardMaps backward_maps(const BackwardParams<T>& p) {
   m.dh = tma::matrix_map(static_cast<const T*>(p.dh), d.tokens, d.neurons, a, "dh");
   m.w1 = tma::matrix_map(p.w1, d.neurons, d.model, b, "w1");
   m.lora1_b = tma::matrix_map(p.lora1_b, d.neurons, d.r1, b, "lora1_b");
+  m.dx = tma::matrix_map(static_cast<const T*>(p.dx), d.tokens, d.model, a, "dx");
   return m;
 }
 

@@ -341,7 +341,8 @@ def check_cuda_kernel(shape, dtype, mask, lora_rank, bias, seed):
         assert_within_twice_reference(ours[name], theirs[name], fp32_grads[name], f"grad {name}", floor=1e-3 * scale)
 
 
-mlp_kernel = kernel_choice("LONG_EXPOSURE_MLP_KERNEL", alternatives=("mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128"))
+mlp_kernel = kernel_choice("LONG_EXPOSURE_MLP_KERNEL", alternatives=("mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128",
+                                                                   "persistent-plain", "persistent-staged"))
 
 
 @pytest.mark.gpu

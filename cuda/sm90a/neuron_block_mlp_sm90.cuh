@@ -31,7 +31,15 @@ using Tma64x256Pair = wgmma::TmaEngine<T, B_KMAJOR, 2, 1, 2, 2>;
 template <typename T, bool B_KMAJOR>
 using Tma128x128Pair = wgmma::TmaEngine<T, B_KMAJOR, 3, 2, 1, 2>;
 template <typename T, bool B_KMAJOR>
-using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 4>;
+using Persistent128x256 = PersistentEngine<T, B_KMAJOR, 4, true, false>;
+// dH's epilogue reading H's signs itself, as before session 22 (LONG_EXPOSURE_MLP_KERNEL=
+// persistent-plain): 7-8% slower at density 1, 4-7% at 0.5 (H100, bench/RESULTS.md). And every
+// output stored through shared memory by TMA, the ring cut to three stages to make room
+// (persistent-staged): slower than the default at every density there, 3-8%, so kept to compare.
+template <typename T, bool B_KMAJOR>
+using PersistentPlain128x256 = PersistentEngine<T, B_KMAJOR, 4>;
+template <typename T, bool B_KMAJOR>
+using PersistentStaged128x256 = PersistentEngine<T, B_KMAJOR, 3, true, true>;
 template <typename T, bool B_KMAJOR>
 using CpAsync64x256 = wgmma::Engine<T, B_KMAJOR, kStages, 1, 2>;
 template <typename T, bool B_KMAJOR>
@@ -41,6 +49,8 @@ inline bool mlp_loads_by_cp_async() { return kernel_variable_is("LONG_EXPOSURE_M
 inline bool mlp_deep_ring() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-deep"); }
 inline bool mlp_wide_tall_tiles() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x256"); }
 inline bool mlp_tile_per_pair_of_blocks() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "tma-128x128"); }
+inline bool mlp_reads_h_in_epilogue() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-plain"); }
+inline bool mlp_stages_stores() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-staged"); }
 
 template <typename T>
 void forward_hopper(const MlpForwardArgs& a) {
@@ -49,8 +59,14 @@ void forward_hopper(const MlpForwardArgs& a) {
     tall ? forward_with<T, CpAsync128x256>(a) : forward_with<T, CpAsync64x256>(a);
   else if (tall && mlp_wide_tall_tiles())
     forward_with<T, Tma128x256>(a);
+  else if (tall && mlp_tile_per_pair_of_blocks())
+    forward_with<T, Tma128x128Pair>(a);
+  else if (tall && mlp_reads_h_in_epilogue())
+    forward_with<T, PersistentPlain128x256>(a);
+  else if (tall && mlp_stages_stores())
+    forward_with<T, PersistentStaged128x256>(a);
   else if (tall)
-    mlp_tile_per_pair_of_blocks() ? forward_with<T, Tma128x128Pair>(a) : forward_with<T, Persistent128x256>(a);
+    forward_with<T, Persistent128x256>(a);
   else
     mlp_deep_ring() ? forward_with<T, Tma64x256>(a) : forward_with<T, Tma64x256Pair>(a);
 }
@@ -62,8 +78,14 @@ void backward_hopper(const MlpBackwardArgs& a) {
     tall ? backward_with<T, CpAsync128x256>(a) : backward_with<T, CpAsync64x256>(a);
   else if (tall && mlp_wide_tall_tiles())
     backward_with<T, Tma128x256>(a);
+  else if (tall && mlp_tile_per_pair_of_blocks())
+    backward_with<T, Tma128x128Pair>(a);
+  else if (tall && mlp_reads_h_in_epilogue())
+    backward_with<T, PersistentPlain128x256>(a);
+  else if (tall && mlp_stages_stores())
+    backward_with<T, PersistentStaged128x256>(a);
   else if (tall)
-    mlp_tile_per_pair_of_blocks() ? backward_with<T, Tma128x128Pair>(a) : backward_with<T, Persistent128x256>(a);
+    backward_with<T, Persistent128x256>(a);
   else
     mlp_deep_ring() ? backward_with<T, Tma64x256>(a) : backward_with<T, Tma64x256Pair>(a);
 }

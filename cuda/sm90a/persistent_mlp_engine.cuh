@@ -63,7 +63,10 @@ __device__ __forceinline__ unsigned prefix_sums(int32_t* starts, unsigned n, Val
   return static_cast<unsigned>(total);
 }
 
-template <typename T, bool B_KMAJOR, int STAGES>
+// AHEAD: dH's producer warps read H's signs ahead of its epilogue (Work::read_ahead). STAGED: the
+// consumers store fc1's, dH's and the frozen weights' columns of fc2's and dX's outputs through
+// shared memory by TMA (Work::store_boxes). The default has AHEAD alone (neuron_block_mlp_sm90.cuh).
+template <typename T, bool B_KMAJOR, int STAGES, bool AHEAD = false, bool STAGED = false>
 struct PersistentEngine {
   static_assert(STAGES >= 2, "one stage computing, one loading");
   // Two consumer warpgroups of 64 rows, each multiplying its rows by both 128-column B pieces.
@@ -73,17 +76,30 @@ struct PersistentEngine {
   static constexpr bool kLoadsByTma = true, kPersistent = true;
   static constexpr int kThreads = wgmma::kThreads * (kConsumers + 1), kMinBlocks = 1;
   static constexpr int kConsumerThreads = wgmma::kThreads * kConsumers;
-  // 384 threads share 64K registers: the producer gives up what the accumulators need.
+  // 384 threads share 168 registers each at launch: the producer gives up what the accumulators
+  // need. A Work that reads ahead (dH) gives its producer warps more, the consumers keeping 224
+  // with no spill: at 40, four loads in flight spilled.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-  static_assert(kProducerRegisters * wgmma::kThreads + kConsumerRegisters * kConsumerThreads <= 65536,
-                "the register file");
+  static constexpr int kAheadRegisters = 56, kAheadConsumerRegisters = 224;
+  static_assert(kProducerRegisters * wgmma::kThreads + kConsumerRegisters * kConsumerThreads <= 168 * kThreads &&
+                    kAheadRegisters * wgmma::kThreads + kAheadConsumerRegisters * kConsumerThreads <= 168 * kThreads,
+                "the registers the thread block is launched with");
   static constexpr int kABoxRows = BM, kBBoxRows = B_KMAJOR ? wgmma::kN : mma::kBK;
   using ATile = mma::SwizzledTile<BM, mma::kBK>;
   using BTile = std::conditional_t<B_KMAJOR, mma::SwizzledTile<wgmma::kN, mma::kBK>, wgmma::PanelTile<mma::kBK>>;
   static constexpr int kStageElements = ATile::kElements + kPieces * BTile::kElements;
   static constexpr uint32_t kABytes = ATile::kElements * sizeof(T), kPieceBytes = BTile::kElements * sizeof(T);
-  // The ring, its 1 KiB alignment slack, and a full and an empty barrier per stage.
-  static constexpr int shared_bytes() { return STAGES * kStageElements * static_cast<int>(sizeof(T)) + 1024 + 2 * STAGES * 8; }
+  // The consumers' outputs on their way to global memory: BN / 64 boxes of BM rows by 64 columns,
+  // swizzled as TMA's 128-byte swizzle reads them.
+  static constexpr int kStagingElements = STAGED ? BM * BN : 0;
+  // What EpilogueShared keeps: the mask's counts for up to kCountsKept tiles, and kAheadBuffers
+  // buffers of H's signs; fewer beside the staging boxes, to fit.
+  static constexpr int kCountsKept = STAGED ? 1024 : 2048, kAheadBuffers = AHEAD ? (STAGED ? 1 : 2) : 0;
+  // The ring, the staging boxes, their 1 KiB alignment slack, and a full and an empty barrier per
+  // stage.
+  static constexpr int shared_bytes() {
+    return (STAGES * kStageElements + kStagingElements) * static_cast<int>(sizeof(T)) + 1024 + 2 * STAGES * 8;
+  }
   static constexpr int kSlots = kPieces * wgmma::kN / 8;  // column pairs each consumer thread holds
   static constexpr unsigned kDenseGroup = 8;  // run()'s order of fc1's and dH's tiles on a full grid
   struct Acc {
@@ -122,7 +138,7 @@ struct PersistentEngine {
   // the four lanes of a row turns four such pairs per lane into one run per lane. Pair by pair, a
   // warp's store wrote 16 bytes of each of 8 rows: fc1 took 454 us with its epilogue and 358 us
   // without; in runs, 407 (OPT-1.3B, density 1, session 21).
-  static constexpr int kRun = 8, kRunSlots = kPieces * wgmma::kN / 32, kRuns = 2 * kRunSlots;
+  static constexpr int kRun = 8, kRunSlots = kPieces * wgmma::kN / 32;
   // f(row, col, v, slot) for v[0..8) at columns col.., slot numbering the thread's column sets (the
   // rows row and row + 8 share one). Call it from whole warps: the transpose is a warp shuffle.
   template <typename F>
@@ -145,7 +161,21 @@ struct PersistentEngine {
           f(run_row() + 8 * h, j * kPieceN + 32 * g + 8 * q, v, j * (wgmma::kN / 32) + g);
         }
   }
+  // The epilogues' sink for a tile stored by TMA: each run into the staging boxes. A warp's 32
+  // runs (8 rows, 4 chunks each) land on 32 distinct 16-byte bank groups: no conflicts.
+  struct StageSink {
+    T* staging;
+    template <int W>
+    __device__ __forceinline__ void operator()(int row, int col, T*, int, const float (&v)[W]) const {
+      static_assert(W == kRun, "runs of 8");
+      const int chunk = ((col % 64) / 8) ^ (row % 8);
+      *reinterpret_cast<uint4*>(staging + (col / 64) * (BM * 64) + row * 64 + chunk * 8) =
+          make_uint4(pair_bits<T>(v[0], v[1]), pair_bits<T>(v[2], v[3]), pair_bits<T>(v[4], v[5]),
+                     pair_bits<T>(v[6], v[7]));
+    }
+  };
   // f(row, col) for each run, in for_each_run's order, without the values.
+  static constexpr int kRuns = 2 * kRunSlots;
   template <typename F>
   __device__ static __forceinline__ void for_each_run_position(F f) {
 #pragma unroll
@@ -198,6 +228,7 @@ struct PersistentEngine {
 
   template <typename Work>
   __device__ static void run(const Work& mask_work, unsigned char* raw) {
+    constexpr bool kAhead = AHEAD && Work::kReadsAhead;
     using Epilogue = EpilogueShared<PersistentEngine>;
     Work work = mask_work;
     unsigned tiles = Work::width(work.p) * Work::height(work.p);
@@ -236,22 +267,50 @@ struct PersistentEngine {
       }
     }
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
-    uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * kStageElements);
+    T* staging = shared + STAGES * kStageElements;
+    uint64_t* full = reinterpret_cast<uint64_t*>(staging + kStagingElements);
     uint64_t* empty = full + STAGES;
     auto stage_a = [&](int s) { return shared + s * kStageElements; };
     auto stage_b = [&](int s) { return shared + s * kStageElements + ATile::kElements; };
+    // What the producer's warps other than the first read ahead for the epilogue, in
+    // Epilogue::kAheadBuffers buffers used in turn (Work::read_ahead).
+    constexpr int kAheadThreads = wgmma::kThreads - 32;
+    constexpr int kAheadBuffers = Epilogue::kAheadBuffers > 0 ? Epilogue::kAheadBuffers : 1;
+    auto ahead_full = [&](int i) { return Epilogue::ahead_barrier(raw, i % kAheadBuffers); };
+    auto ahead_empty = [&](int i) { return Epilogue::ahead_barrier(raw, kAheadBuffers + i % kAheadBuffers); };
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; ++s) {
         tma::barrier_init(&full[s], 1);
         tma::barrier_init(&empty[s], kConsumerThreads / 32);
       }
+      if constexpr (kAhead)
+        for (int i = 0; i < Epilogue::kAheadBuffers; ++i) {
+          tma::barrier_init(ahead_full(i), kAheadThreads);
+          tma::barrier_init(ahead_empty(i), kConsumerThreads);
+        }
       tma::fence_barrier_init();
     }
     __syncthreads();
     const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
 
     if (warpgroup == 0) {
-      lower_registers<kProducerRegisters>();
+      lower_registers<kAhead ? kAheadRegisters : kProducerRegisters>();
+      if constexpr (kAhead) {
+        if (threadIdx.x >= 32) {
+          // Tile k (counted over the block's tiles with work) into buffer k % kAheadBuffers once
+          // the consumers are done with its previous occupant.
+          int k = 0;
+          for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+            typename Work::Tile t;
+            if (!work.tile(w, t)) continue;
+            if (k >= kAheadBuffers) tma::wait(ahead_empty(k), (k / kAheadBuffers - 1) & 1);
+            work.read_ahead(t, Epilogue::ahead(raw, k), static_cast<int>(threadIdx.x) - 32, kAheadThreads);
+            tma::arrive_if(ahead_full(k), true);
+            ++k;
+          }
+          return;
+        }
+      }
       if (threadIdx.x != 0) return;
       // Chunk `it` (counted over all the block's tiles) into stage it % STAGES once its previous
       // occupant is released.
@@ -270,7 +329,7 @@ struct PersistentEngine {
       return;
     }
 
-    raise_registers<kConsumerRegisters>();
+    raise_registers<kAhead ? kAheadConsumerRegisters : kConsumerRegisters>();
     const int consumer_thread = static_cast<int>(threadIdx.x) - wgmma::kThreads;
     const int a_rows = (warpgroup - 1) * wgmma::kM * mma::kBK;
     const bool lane0 = threadIdx.x % 32 == 0;
@@ -279,7 +338,8 @@ struct PersistentEngine {
     for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
       typename Work::Tile t;
       if (!__shfl_sync(0xffffffffu, work.tile(w, t), 0)) continue;  // uniform, as n and live below
-      float* s_bias = EpilogueShared<PersistentEngine>::buffer(raw, done++);
+      const int k = done++;
+      float* s_bias = Epilogue::buffer(raw, k);
       // Each consumer thread's bias column (BN of them, one per thread), loaded here and stored
       // to shared memory only after the products: only the epilogue reads it, and the load's
       // latency, which the consumers waited out before every tile's first chunk, hides behind
@@ -320,8 +380,38 @@ struct PersistentEngine {
         s_bias[consumer_thread] = bias_value;
         consumers_sync(kConsumerThreads);
       }
-      work.epilogue(t, acc, s_bias);
+      const unsigned char* ahead = nullptr;
+      if constexpr (kAhead) {
+        tma::wait(ahead_full(k), (k / kAheadBuffers) & 1);
+        ahead = Epilogue::ahead(raw, k);
+      }
+      // STAGED: through the staging boxes where the tile allows (stored by TMA while the next
+      // tile's products run), else from registers. Stored from registers, each SM's outputs go
+      // out while its tensor cores idle, and the SMs, in step, all at once: fc1 took 407 us with
+      // its stores and 358 without (OPT-1.3B, density 1, session 21). Staged, with the ring cut
+      // to three stages to make room, fwd+bwd measured 3-8% slower (H100, session 22): the ring
+      // costs more than the stores gain.
+      if (STAGED && __shfl_sync(0xffffffffu, work.staged(t), 0)) {
+        // The previous tile's boxes are read out of the staging memory before it is written.
+        if (consumer_thread == 0) tma::wait_stores_read();
+        consumers_sync(kConsumerThreads);
+        StageSink sink{staging};
+        work.epilogue(t, acc, s_bias, ahead, sink);
+        tma::fence_shared_to_async();
+        consumers_sync(kConsumerThreads);
+        if (consumer_thread == 0) {
+          work.store_boxes(t, [&](const CUtensorMap* map, int b, int c0, int c1) {
+            tma::store_box(map, c0, c1, staging + b * (BM * 64));
+          });
+          tma::commit_stores();
+        }
+      } else {
+        StoreNow sink;
+        work.epilogue(t, acc, s_bias, ahead, sink);
+      }
+      if constexpr (kAhead) tma::arrive_if(ahead_empty(k), true);
     }
+    if (STAGED && consumer_thread == 0) tma::wait_stores();
   }
 };
 
