@@ -52,42 +52,51 @@ inline bool mlp_tile_per_pair_of_blocks() { return kernel_variable_is("LONG_EXPO
 inline bool mlp_reads_h_in_epilogue() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-plain"); }
 inline bool mlp_stages_stores() { return kernel_variable_is("LONG_EXPOSURE_MLP_KERNEL", "persistent-staged"); }
 
-template <typename T>
-void forward_hopper(const MlpForwardArgs& a) {
-  const bool tall = a.mask.tile_m % 128 == 0;
+// Calls launch.template with<Engine>() for the engine that the mask's tile height and
+// LONG_EXPOSURE_MLP_KERNEL choose, the same for the forward and the backward.
+template <typename Launch>
+void with_chosen_engine(int64_t tile_m, const Launch& launch) {
+  const bool tall = tile_m % 128 == 0;
   if (mlp_loads_by_cp_async())
-    tall ? forward_with<T, CpAsync128x256>(a) : forward_with<T, CpAsync64x256>(a);
+    tall ? launch.template with<CpAsync128x256>() : launch.template with<CpAsync64x256>();
   else if (tall && mlp_wide_tall_tiles())
-    forward_with<T, Tma128x256>(a);
+    launch.template with<Tma128x256>();
   else if (tall && mlp_tile_per_pair_of_blocks())
-    forward_with<T, Tma128x128Pair>(a);
+    launch.template with<Tma128x128Pair>();
   else if (tall && mlp_reads_h_in_epilogue())
-    forward_with<T, PersistentPlain128x256>(a);
+    launch.template with<PersistentPlain128x256>();
   else if (tall && mlp_stages_stores())
-    forward_with<T, PersistentStaged128x256>(a);
+    launch.template with<PersistentStaged128x256>();
   else if (tall)
-    forward_with<T, Persistent128x256>(a);
+    launch.template with<Persistent128x256>();
   else
-    mlp_deep_ring() ? forward_with<T, Tma64x256>(a) : forward_with<T, Tma64x256Pair>(a);
+    mlp_deep_ring() ? launch.template with<Tma64x256>() : launch.template with<Tma64x256Pair>();
 }
 
 template <typename T>
+struct ForwardLaunch {
+  const MlpForwardArgs& a;
+  template <template <typename, bool> class Engine>
+  void with() const {
+    forward_with<T, Engine>(a);
+  }
+};
+template <typename T>
+struct BackwardLaunch {
+  const MlpBackwardArgs& a;
+  template <template <typename, bool> class Engine>
+  void with() const {
+    backward_with<T, Engine>(a);
+  }
+};
+
+template <typename T>
+void forward_hopper(const MlpForwardArgs& a) {
+  with_chosen_engine(a.mask.tile_m, ForwardLaunch<T>{a});
+}
+template <typename T>
 void backward_hopper(const MlpBackwardArgs& a) {
-  const bool tall = a.mask.tile_m % 128 == 0;
-  if (mlp_loads_by_cp_async())
-    tall ? backward_with<T, CpAsync128x256>(a) : backward_with<T, CpAsync64x256>(a);
-  else if (tall && mlp_wide_tall_tiles())
-    backward_with<T, Tma128x256>(a);
-  else if (tall && mlp_tile_per_pair_of_blocks())
-    backward_with<T, Tma128x128Pair>(a);
-  else if (tall && mlp_reads_h_in_epilogue())
-    backward_with<T, PersistentPlain128x256>(a);
-  else if (tall && mlp_stages_stores())
-    backward_with<T, PersistentStaged128x256>(a);
-  else if (tall)
-    backward_with<T, Persistent128x256>(a);
-  else
-    mlp_deep_ring() ? backward_with<T, Tma64x256>(a) : backward_with<T, Tma64x256Pair>(a);
+  with_chosen_engine(a.mask.tile_m, BackwardLaunch<T>{a});
 }
 
 }  // namespace neuron_block
