@@ -170,13 +170,6 @@ __device__ __forceinline__ V pick(const V (&a)[N], int j) {
   return v;
 }
 
-// fc1's and fc2's biases are read before the products: in the epilogue each read was a global
-// load the next instruction waited on, one column pair at a time, and those waits were a quarter
-// of fc1's stall samples (bench/RESULTS.md). Read first, their latency hides behind the first TMA
-// stages instead. They go to shared memory, past the engine's ring (the launcher reserves
-// EpilogueShared::kBytes for it): kept in registers they cost fc1 30 of them and spilled in the
-// 64-token configurations. (dH's ReLU mask, read from H by the consumers the same way, into bits,
-// did not move the backward; on the persistent engine other warps read it, see kAheadBytes.)
 // What a persistent engine keeps in EpilogueShared (none on the others): the mask's counts for up
 // to `counts` tiles and `ahead_buffers` buffers for Work::read_ahead.
 struct Kept {
@@ -190,6 +183,13 @@ constexpr Kept kept() {
     return {0, 0};
 }
 
+// fc1's and fc2's biases are read before the products: in the epilogue each read was a global
+// load the next instruction waited on, one column pair at a time, and those waits were a quarter
+// of fc1's stall samples (bench/RESULTS.md). Read first, their latency hides behind the first TMA
+// stages instead. They go to shared memory, past the engine's ring (the launcher reserves
+// EpilogueShared::kBytes for it): kept in registers they cost fc1 30 of them and spilled in the
+// 64-token configurations. (dH's ReLU mask, read from H by the consumers the same way, into bits,
+// did not move the backward; on the persistent engine other warps read it, see kAheadBytes.)
 template <typename Engine>
 struct EpilogueShared {
   static constexpr int kOffset = Engine::shared_bytes();  // past the ring
@@ -200,9 +200,9 @@ struct EpilogueShared {
   // for work is a shared-memory read, not a global load that thread waits on before the next, and
   // for fc1 and dH the first active tile of each token row (up to kCounts - 1 rows).
   static constexpr int kCounts = kept<Engine>().counts;
-  // And for a Work that reads ahead (dH): two buffers of a byte per 8 output columns, filled by
-  // the producer's idle warps a tile or two before the epilogue that reads them, each with a full
-  // and an empty barrier.
+  // And for a Work that reads ahead (dH): kAheadBuffers buffers of a byte per 8 output columns,
+  // filled by the producer's idle warps before the epilogue that reads them, each with a full and
+  // an empty barrier.
   static constexpr int kAheadBuffers = kept<Engine>().ahead_buffers;
   static constexpr int kAheadBytes = Engine::BM * Engine::BN / 8;
   static constexpr int kBarriersOffset = kOffset + (kBuffers * Engine::BN + 2 * kCounts) * 4;
@@ -707,36 +707,41 @@ struct Dh : PairWork<Engine, BackwardParams<T>> {
     // every run's before any dH is stored: the compiler may not move a load of H past a store to dH
     // (they might alias), and pair by pair each tile waited out one memory round trip after
     // another. (Issuing the loads with no branch between them changed nothing, session 21.)
+    // A run's offset in H and dH, and how many of its columns exist (none: 0).
+    auto place = [&](int row, int col, int64_t& at) {
+      const int j = col / PN, c = col % PN;
+      at = (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c;
+      return row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
+    };
     constexpr bool kAhead = EpilogueShared<Engine>::kAheadBuffers > 0;
     uint32_t positive[kAhead ? 1 : R::kCount];
     if constexpr (!kAhead) {
       int index = 0;
       R::positions([&](int row, int col) {
-        const int j = col / PN, c = col % PN;
-        const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
-        positive[index++] = n > 0 ? positive_bits<T>(p.h + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n) : 0u;
+        int64_t at;
+        const int n = place(row, col, at);
+        positive[index++] = n > 0 ? positive_bits<T>(p.h + at, n) : 0u;
       });
     }
     // Column sums of the stored (rounded) dH, as the reference sums it, per column set held.
     float sums[R::kSlots][W] = {};
     int index = 0;
     R::each(acc, [&](int row, int col, const float (&v)[W], int slot) {
-      const int j = col / PN, c = col % PN;
-      const int n = row < rows ? max(pick(t.pairs.cols, j) - c, 0) : 0;
-      const int at = index++;
+      int64_t at;
+      const int n = place(row, col, at), run = index++;
       if (n <= 0) return;
       uint32_t bits;
       if constexpr (kAhead)
         bits = signs[row * (Engine::BN / 8) + col / 8];
       else
-        bits = positive[at];
+        bits = positive[run];
       float g[W];
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         g[k] = rounded<T>((bits >> k) & 1 ? v[k] : 0.0f);
         sums[slot][k] += g[k];
       }
-      sink(row, col, p.dh + (m0 + row) * d.neurons + pick(t.pairs.n0, j) + c, n, g);
+      sink(row, col, p.dh + at, n, g);
     });
     if (!p.db1_sum) return;
     // Lanes with the same lane % 4 hold the same columns: fold the 8 row groups, then one atomic
