@@ -99,13 +99,6 @@ bool attention_cuda_supports(DType dtype, int64_t head_dim, int64_t block) {
          (head_dim == 64 || head_dim == 80 || head_dim == 128) && (block == 64 || block == 128);
 }
 
-bool attention_backward_accumulates_dq(DType dtype, int64_t head_dim, int64_t block, int device,
-                                       bool prefix_without_grad) {
-  return attention_cuda_supports(dtype, head_dim, block) && head_dim != 128 && !prefix_without_grad &&
-         kernel_variable_is("LONG_EXPOSURE_ATTENTION_KERNEL", "accumulated-dq") &&
-         use_wgmma_kernels(device, "LONG_EXPOSURE_ATTENTION_KERNEL");
-}
-
 void attention_forward_cuda(const AttentionForwardArgs& a) {
   const int64_t D = a.q.size(3), block = a.layout.block;
   require_supported(a.q.dtype, D, block);
@@ -135,17 +128,9 @@ void attention_backward_cuda(const AttentionBackwardArgs& a) {
   require_dtype(a.ws_q_indices, "ws_q_indices", DType::kInt32);
   require(a.ws_q_counts.is_contiguous() && a.ws_q_indices.is_contiguous(),
           "ws_q_counts and ws_q_indices must be contiguous");
-  if (a.ws_dq_accum.defined()) {
-    require(attention_backward_accumulates_dq(a.q.dtype, D, block, a.q.device_index,
-                                              a.prefix_k.defined() && !a.dprefix_k.defined()),
-            "ws_dq_accum is given only where attention_backward_accumulates_dq says so");
-    require_shape(a.ws_dq_accum, "ws_dq_accum", {B, H, S, D});
-    require_dtype(a.ws_dq_accum, "ws_dq_accum", DType::kFloat32);
-    require(a.ws_dq_accum.is_contiguous(), "ws_dq_accum must be contiguous");
-  }
   for (auto [view, name] : Named{{&a.ws_delta, "ws_delta"}, {&a.ws_q_counts, "ws_q_counts"},
-                                 {&a.ws_q_indices, "ws_q_indices"}, {&a.ws_dq_accum, "ws_dq_accum"}})
-    if (view->defined()) require_same_device(*view, name, a.q);
+                                 {&a.ws_q_indices, "ws_q_indices"}})
+    require_same_device(*view, name, a.q);
   if (a.q.numel() == 0) return;
   DeviceGuard guard(a.q.device_index);
   // The workspaces carry no stream of their own: the transposition runs on q's.

@@ -473,9 +473,6 @@ struct BackwardParams {
   // [B, H, S], rowsum(dout * out): written by the delta pass (or on Hopper by the dQ pass, which
   // then runs first), read by the dK/dV pass and, from the delta pass, by the mma.sync dQ pass.
   float* delta;
-  // [B, H, S, D] fp32, zeroed, or null: where the Hopper dK/dV pass sums dQ when it takes dQ's
-  // product itself (launch_backward_sm90), instead of a dQ pass of its own.
-  float* dq_accum;
   const int32_t* counts;     // the layout (kv blocks per query block), for dQ
   const int32_t* indices;
   const int32_t* t_counts;   // the layout transposed (query blocks per key block), for dK/dV
@@ -838,7 +835,6 @@ inline BackwardParams backward_params(const AttentionBackwardArgs& a) {
   p.dpv = output(a.dprefix_v);
   p.lse = a.lse.ptr<const float>();
   p.delta = a.ws_delta.ptr<float>();
-  p.dq_accum = a.ws_dq_accum.defined() ? a.ws_dq_accum.ptr<float>() : nullptr;
   p.counts = a.layout.counts.ptr<const int32_t>();
   p.indices = a.layout.indices.ptr<const int32_t>();
   p.t_counts = a.ws_q_counts.ptr<const int32_t>();

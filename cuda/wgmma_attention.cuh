@@ -3,8 +3,7 @@
 //     the backward's transposed products), with the first k-step overwriting the accumulator
 //     (scale-d 0), so S needs no zeroing between key tiles;
 //   O += P V: P from registers, V in shared memory MN-major (transposed on read), N = head dim
-//     (64, 80 or 128);
-//   dQ = dS K in the dK/dV pass: both operands in shared memory MN-major, N = head dim 64 or 80.
+//     (64, 80 or 128).
 // The register form takes A in the per-warp layout of mma.sync m16n8k16 (PTX ISA, "Register
 // fragments" of wgmma m64nNk16: warp w of the warpgroup holds rows 16 w .. 16 w + 15), which is
 // also how the fp32 accumulator of the first product is spread: thread lane holds rows lane / 4
@@ -91,27 +90,19 @@ struct WgmmaSS;
 // d (64 x N) += A B; A (64 x 16) in registers, B (16 x N) MN-major in shared memory.
 template <typename T, int N>
 struct WgmmaRS;
-// d (64 x N) = A B + (accumulate ? d : 0); both in shared memory MN-major, A stored as A^T with
-// rows along K (the backward's dQ = dS K, dS^T as the dK/dV pass holds it).
-template <typename T, int N>
-struct WgmmaSSMN;
 
-// One shared-memory form per struct: TRANSPOSE "0, 0" reads both operands K-major, "1, 1" both
-// MN-major.
-#define LONG_EXPOSURE_ATTN_SS_FORM(STRUCT, TRANSPOSE, TYPE, PTX_TYPE, N, REGS, OPERANDS, IA, IB, IACC) \
+#define LONG_EXPOSURE_ATTN_SS(TYPE, PTX_TYPE, N, REGS, OPERANDS, IA, IB, IACC)                      \
   template <>                                                                                      \
-  struct STRUCT<TYPE, N> {                                                                         \
+  struct WgmmaSS<TYPE, N> {                                                                        \
     __device__ static __forceinline__ void run(float (&d)[N / 2], uint64_t a, uint64_t b,           \
                                                int accumulate) {                                   \
       asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IACC ", 0;\n"                             \
                    "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_TYPE "." PTX_TYPE " " REGS \
-                   ", %" #IA ", %" #IB ", p, 1, 1, " TRANSPOSE ";\n}\n"                            \
+                   ", %" #IA ", %" #IB ", p, 1, 1, 0, 0;\n}\n"                                      \
                    : OPERANDS(d)                                                                   \
                    : "l"(a), "l"(b), "r"(accumulate));                                             \
     }                                                                                              \
   };
-#define LONG_EXPOSURE_ATTN_SS(...) LONG_EXPOSURE_ATTN_SS_FORM(WgmmaSS, "0, 0", __VA_ARGS__)
-#define LONG_EXPOSURE_ATTN_SS_MN(...) LONG_EXPOSURE_ATTN_SS_FORM(WgmmaSSMN, "1, 1", __VA_ARGS__)
 #define LONG_EXPOSURE_ATTN_RS(TYPE, PTX_TYPE, N, REGS, OPERANDS, I0, I1, I2, I3, IB, IONE)          \
   template <>                                                                                      \
   struct WgmmaRS<TYPE, N> {                                                                        \
@@ -140,13 +131,6 @@ LONG_EXPOSURE_ATTN_RS(__half, "f16", 80, LONG_EXPOSURE_ATTN_REGS40, LONG_EXPOSUR
 LONG_EXPOSURE_ATTN_RS(__nv_bfloat16, "bf16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66, 67, 68, 69)
 LONG_EXPOSURE_ATTN_RS(__half, "f16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34, 35, 36, 37)
 LONG_EXPOSURE_ATTN_RS(__half, "f16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66, 67, 68, 69)
-// dQ's product in the dK/dV pass: N = head dim 64 or 80 (128 keeps its own dQ pass).
-LONG_EXPOSURE_ATTN_SS_MN(__nv_bfloat16, "bf16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34)
-LONG_EXPOSURE_ATTN_SS_MN(__half, "f16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34)
-LONG_EXPOSURE_ATTN_SS_MN(__nv_bfloat16, "bf16", 80, LONG_EXPOSURE_ATTN_REGS40, LONG_EXPOSURE_ATTN_OPERANDS40, 40, 41, 42)
-LONG_EXPOSURE_ATTN_SS_MN(__half, "f16", 80, LONG_EXPOSURE_ATTN_REGS40, LONG_EXPOSURE_ATTN_OPERANDS40, 40, 41, 42)
-#undef LONG_EXPOSURE_ATTN_SS_MN
-#undef LONG_EXPOSURE_ATTN_SS_FORM
 #undef LONG_EXPOSURE_ATTN_SS
 #undef LONG_EXPOSURE_ATTN_RS
 #undef LONG_EXPOSURE_ATTN_OPERANDS64

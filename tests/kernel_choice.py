@@ -11,8 +11,7 @@ def kernel_choice(variable: str, alternatives=("mma",)):
     which by default run on a persistent engine, as one 128 x 256 product per thread block
     ("tma-128x256") or 128 x 128 products on two thread blocks per SM ("tma-128x128"), or on the
     persistent engine with dH reading H's signs in its epilogue ("persistent-plain") or with every
-    output stored through shared memory ("persistent-staged"); for attention, the backward taking
-    dQ's product in its dK/dV pass ("accumulated-dq")."""
+    output stored through shared memory ("persistent-staged")."""
 
     @pytest.fixture(params=["default", *alternatives])
     def fixture(request, monkeypatch):

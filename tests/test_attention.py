@@ -267,7 +267,7 @@ CUDA_SHAPES = [(2, 3, 256, 64, 64, 0), (1, 2, 300, 64, 64, 17), (2, 2, 200, 128,
 CUDA_LAYOUTS = ["random", "random_no_diagonal", "per_batch", "causal", "empty", "local_sink"]
 # Sequences of many key tiles per query block, where the pipelined kernels' steady state runs.
 LONG_SHAPES = [(1, 2, 2048, 64, 64, 0), (1, 2, 1024, 128, 128, 70), (1, 2, 2048, 80, 64, 0)]
-attention_kernel = kernel_choice("LONG_EXPOSURE_ATTENTION_KERNEL", alternatives=("mma", "accumulated-dq"))
+attention_kernel = kernel_choice("LONG_EXPOSURE_ATTENTION_KERNEL")
 
 
 def to_cuda(inputs):

@@ -122,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
          const TensorView& counts, const TensorView& indices, int64_t block, double scale,
          const TensorView& dq, const TensorView& dk, const TensorView& dv, const Opt& dprefix_k,
          const Opt& dprefix_v, const Opt& ws_delta, const Opt& ws_q_counts,
-         const Opt& ws_q_indices, const Opt& ws_dq_accum) {
+         const Opt& ws_q_indices) {
         AttentionBackwardArgs a;
         a.dout = dout; a.q = q; a.k = k; a.v = v;
         a.prefix_k = value(prefix_k); a.prefix_v = value(prefix_v);
@@ -130,7 +130,7 @@ PYBIND11_MODULE(_C, m) {
         a.scale = scale; a.dq = dq; a.dk = dk; a.dv = dv;
         a.dprefix_k = value(dprefix_k); a.dprefix_v = value(dprefix_v);
         a.ws_delta = value(ws_delta); a.ws_q_counts = value(ws_q_counts);
-        a.ws_q_indices = value(ws_q_indices); a.ws_dq_accum = value(ws_dq_accum);
+        a.ws_q_indices = value(ws_q_indices);
         attention_backward(a);
       },
       py::call_guard<py::gil_scoped_release>());
@@ -138,12 +138,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_cuda_supports", [](int dtype, int64_t head_dim, int64_t block) {
     return attention_cuda_supports(static_cast<DType>(dtype), head_dim, block);
   });
-
-  m.def("attention_backward_accumulates_dq",
-        [](int dtype, int64_t head_dim, int64_t block, int device, bool prefix_without_grad) {
-          return attention_backward_accumulates_dq(static_cast<DType>(dtype), head_dim, block, device,
-                                                   prefix_without_grad);
-        });
 
   m.def("atom_name", [](int kind, int64_t param) {
     return atom_name(Atom{static_cast<AtomKind>(kind), param});

@@ -48,7 +48,6 @@ void cross_entropy_forward_cuda(const CrossEntropyForwardArgs&) { no_cuda(); }
 void cross_entropy_backward_cuda(const CrossEntropyBackwardArgs&) { no_cuda(); }
 
 bool attention_cuda_supports(DType, int64_t, int64_t) { return false; }
-bool attention_backward_accumulates_dq(DType, int64_t, int64_t, int, bool) { return false; }
 
 void attention_forward_cuda(const AttentionForwardArgs&) { no_cuda(); }
 

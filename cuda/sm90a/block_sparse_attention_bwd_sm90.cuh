@@ -73,15 +73,10 @@ struct DkvConfig {
   // tiles two panels wide) would leave an SM one thread block.
   static constexpr int kStages = (D == 80 && BLK == 64) ? 2 : 3;
   static constexpr int kKvElements = BLK * kWidth, kTileElements = kBq * kWidth;
-  // Where the pass takes dQ's product (ACCUMULATE_DQ): each warpgroup's dS^T, 64 keys x kBq
-  // queries, through shared memory, as that product reads dS with queries as its rows.
-  static constexpr int kDsElements = kGroups * 64 * kBq;
-  static constexpr bool kCanAccumulateDq = kBq == 64;
   template <typename T>
-  static size_t smem_bytes(int n_q, bool accumulate_dq) {
+  static size_t smem_bytes(int n_q) {
     return 1024 + static_cast<size_t>(2 * kKvElements + 2 * kStages * kTileElements) * sizeof(T) +
-           (accumulate_dq ? kDsElements * sizeof(T) : 0) + 2 * kStages * kBq * sizeof(float) +
-           (n_q + 4) * sizeof(int);
+           2 * kStages * kBq * sizeof(float) + (n_q + 4) * sizeof(int);
   }
 };
 
@@ -143,35 +138,17 @@ __device__ __forceinline__ void row_deltas(const T* s_do, int do_row, const T* s
   }
 }
 
-// Adds a thread's share of a 64 x D dQ product (queries q0 + warp_row + lane / 4 and + 8, as its
-// accumulator holds them) into the fp32 sums, rows at or past `seq` left out. Reductions at L2,
-// two columns per instruction: no thread waits for them.
-template <int D>
-__device__ __forceinline__ void add_dq_rows(const float (&dq)[D / 2], float* rows, int q0, int warp_row, int seq) {
-  const int lane = threadIdx.x % 32, c = (lane % 4) * 2, r_lo = warp_row + lane / 4;
-  float* lo = rows + static_cast<int64_t>(r_lo) * D + c;
-  float* hi = lo + 8 * D;
-  const bool lo_in = q0 + r_lo < seq, hi_in = q0 + r_lo + 8 < seq;
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    if (lo_in) asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(lo + 8 * n), "f"(dq[4 * n]), "f"(dq[4 * n + 1]) : "memory");
-    if (hi_in) asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(hi + 8 * n), "f"(dq[4 * n + 2]), "f"(dq[4 * n + 3]) : "memory");
-  }
-}
-
-template <typename T, int D, int BLK, bool ACCUMULATE_DQ>
+template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
     dkv_kernel(BackwardParams p) {
   using C = DkvConfig<D, BLK>;
-  static_assert(!ACCUMULATE_DQ || C::kCanAccumulateDq, "dQ's product in this pass needs 64-query tiles");
   constexpr int kBq = C::kBq, kPerBlock = C::kPerBlock, kThreads = C::kThreads, kStages = C::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_k = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   T* s_v = s_k + C::kKvElements;
   T* s_q = s_v + C::kKvElements;                // kStages query tiles
   T* s_do = s_q + kStages * C::kTileElements;   // kStages output-gradient tiles
-  T* s_ds = s_do + kStages * C::kTileElements;  // ACCUMULATE_DQ: each warpgroup's dS^T
-  float* s_lse = reinterpret_cast<float*>(s_ds + (ACCUMULATE_DQ ? C::kDsElements : 0));
+  float* s_lse = reinterpret_cast<float*>(s_do + kStages * C::kTileElements);
   float* s_delta = s_lse + kStages * kBq;
   int* s_list = reinterpret_cast<int*>(s_delta + kStages * kBq);
   int* s_count = s_list + p.n_q;
@@ -235,7 +212,6 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   float dk[D / 2], dv[D / 2];
   float s[kBq / 2], dp[kBq / 2];
   uint32_t pf[kBq / 16][4], dsf[kBq / 16][4];
-  T* ds_rows = s_ds + group * 64 * kBq;  // one 64-column panel: this warpgroup's keys x the tile's queries
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 #pragma unroll
@@ -324,21 +300,6 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
       dp[4 * n + 3] = s[4 * n + 3] * (dp[4 * n + 3] - d1);
     }
     wgmma::to_fragments<T, kBq>(dsf, dp);
-    if constexpr (ACCUMULATE_DQ) {
-      // dS^T's fragments as they are: group i of 8 columns sits in dsf[i / 2][(i % 2) * 2] (the
-      // lower row) and the register after it (the upper).
-      const int r_lo = warp * 16 + lane / 4;
-#pragma unroll
-      for (int i = 0; i < kBq / 8; ++i) {
-        *reinterpret_cast<uint32_t*>(ds_rows + wgmma::Panels<64>::offset(r_lo, 8 * i + c)) = dsf[i / 2][(i % 2) * 2];
-        *reinterpret_cast<uint32_t*>(ds_rows + wgmma::Panels<64>::offset(r_lo + 8, 8 * i + c)) =
-            dsf[i / 2][(i % 2) * 2 + 1];
-      }
-      wgmma::fence_proxy();
-      // Only this warpgroup's four warps wrote the rows its product reads (barrier 0 is
-      // __syncthreads').
-      asm volatile("bar.sync %0, 128;" ::"r"(1 + group) : "memory");
-    }
     wgmma::fence_registers(dk);
     wgmma::fence_registers(dsf);
     wgmma::fence();
@@ -347,31 +308,7 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
       const uint64_t db = wgmma::descriptor(tq + ks * 16 * 64, kBq * 64 * sizeof(T), 1024);
       wgmma::WgmmaRS<T, D>::run(dk, dsf[ks], db);
     }
-    if constexpr (ACCUMULATE_DQ) {
-      // dQ (queries x D) = dS K over this warpgroup's 64 keys: dS read from dS^T (MN-major, a
-      // k-step 16 key rows), K MN-major as dQ's pass reads it.
-      float dq[D / 2];
-#pragma unroll
-      for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;  // only so the product's operands are defined
-      wgmma::fence_registers(dq);
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        const uint64_t da = wgmma::descriptor(ds_rows + ks * 16 * 64, 64 * 64 * sizeof(T), 1024);
-        const uint64_t db = wgmma::descriptor(k_rows + ks * 16 * 64, BLK * 64 * sizeof(T), 1024);
-        wgmma::WgmmaSSMN<T, D>::run(dq, da, db, ks > 0);
-      }
-      wgmma::commit();
-      // Waited for here: the sums leave from registers, and the next tile rewrites dS^T.
-      wgmma::wait_all();
-      wgmma::fence_registers(dq);
-      wgmma::fence_registers(dk);
-      wgmma::fence_registers(dv);
-      wgmma::fence_registers(pf);
-      wgmma::fence_registers(dsf);
-      add_dq_rows<D>(dq, p.dq_accum + (bh + q0) * D, q0, warp * 16, p.seq);
-    } else {
-      wgmma::commit();
-    }
+    wgmma::commit();
     if constexpr (kStages == 2) {
       // Done before the next barrier, behind which tile t + 2 overwrites this tile's buffers.
       wgmma::wait_all();
@@ -573,67 +510,10 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
 
 }  // namespace sm90
 
-// dQ = scale * (the dK/dV pass's fp32 sums), rounded to T; 8 elements per thread.
-template <typename T, int D>
-__global__ void dq_from_sums_kernel(const float* __restrict__ sums, Output dq, int heads, int seq, float scale,
-                                    int64_t pieces) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= pieces) return;
-  const int64_t row = i / (D / 8);
-  const int col = static_cast<int>(i % (D / 8)) * 8;
-  const int64_t bh = row / seq;
-  const int token = static_cast<int>(row % seq);
-  const float4 x = *reinterpret_cast<const float4*>(sums + row * D + col);
-  const float4 y = *reinterpret_cast<const float4*>(sums + row * D + col + 4);
-  uint4 packed;
-  packed.x = ptx::Mma<T>::pack(x.x * scale, x.y * scale);
-  packed.y = ptx::Mma<T>::pack(x.z * scale, x.w * scale);
-  packed.z = ptx::Mma<T>::pack(y.x * scale, y.y * scale);
-  packed.w = ptx::Mma<T>::pack(y.z * scale, y.w * scale);
-  T* out = dq.plane<T>(static_cast<int>(bh / heads), static_cast<int>(bh % heads));
-  *reinterpret_cast<uint4*>(out + static_cast<int64_t>(token) * dq.ss + col) = packed;
-}
-
-template <typename T, int D, int BLK, bool ACCUMULATE_DQ>
-void launch_dkv_sm90(BackwardParams p, int batch, cudaStream_t stream) {
-  using C = sm90::DkvConfig<D, BLK>;
-  const size_t smem = C::template smem_bytes<T>(p.n_q, ACCUMULATE_DQ);
-  auto kernel = sm90::dkv_kernel<T, D, BLK, ACCUMULATE_DQ>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-             "attention dK/dV (wgmma) shared memory");
-  cudaLaunchConfig_t config{};
-  config.gridDim = rank_grid(p, key_block_ranks<BLK>(p), batch);
-  config.blockDim = dim3(C::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "0") ? 0 : 1;
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
-}
-
 template <typename T, int D, int BLK>
 void launch_backward_sm90(const AttentionBackwardArgs& a) {
   BackwardParams p = backward_params(a);
   cudaStream_t stream = stream_of(a.q.stream);
-  const int batch = static_cast<int>(a.q.size(0));
-
-  if constexpr (sm90::DkvConfig<D, BLK>::kCanAccumulateDq) {
-    if (p.dq_accum) {
-      // dQ's product taken in the dK/dV pass: delta from its own pass, the sums zeroed first.
-      const int64_t rows = batch * static_cast<int64_t>(p.heads) * p.seq;
-      check_cuda(cudaMemsetAsync(p.dq_accum, 0, rows * D * sizeof(float), stream), "attention dQ sums zeroing");
-      launch_delta<T, D>(a, p, stream);
-      launch_dkv_sm90<T, D, BLK, true>(p, batch, stream);
-      const int64_t pieces = rows * (D / 8);
-      dq_from_sums_kernel<T, D><<<static_cast<unsigned>((pieces + 255) / 256), 256, 0, stream>>>(
-          p.dq_accum, p.dq, p.heads, p.seq, p.scale, pieces);
-      check_cuda(cudaGetLastError(), "attention dQ from sums kernel launch");
-      return;
-    }
-  }
 
   // dQ first: it computes delta for the dK/dV pass, which reads it for every query tile it visits.
   {
@@ -642,10 +522,28 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dq_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dQ (wgmma) shared memory");
-    kernel<<<rank_grid(p, p.n_q, batch), C::kThreads, smem, stream>>>(p);
+    const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
+    kernel<<<grid, C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
   }
-  launch_dkv_sm90<T, D, BLK, false>(p, batch, stream);
+  {
+    using C = sm90::DkvConfig<D, BLK>;
+    const size_t smem = C::template smem_bytes<T>(p.n_q);
+    auto kernel = sm90::dkv_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "attention dK/dV (wgmma) shared memory");
+    cudaLaunchConfig_t config{};
+    config.gridDim = rank_grid(p, key_block_ranks<BLK>(p), static_cast<int>(a.q.size(0)));
+    config.blockDim = dim3(C::kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attribute;
+    config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "0") ? 0 : 1;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
+  }
 }
 
 }  // namespace attention_cuda

@@ -33,10 +33,8 @@ struct AttentionBackwardArgs {
   TensorView dprefix_k, dprefix_v;
   // Workspaces of the CUDA path, allocated by the caller (the core never allocates device memory;
   // the CPU path ignores them): rowsum(dout * out) fp32 [B, H, S], and the layout transposed,
-  // counts int32 [Lb, H, n_q] and indices int32 [Lb, H, n_q, n_q]. Optional: fp32 [B, H, S, D],
-  // given where attention_backward_accumulates_dq says so, in which the dK/dV pass sums dQ.
+  // counts int32 [Lb, H, n_q] and indices int32 [Lb, H, n_q, n_q].
   TensorView ws_delta, ws_q_counts, ws_q_indices;
-  TensorView ws_dq_accum;
 };
 
 void attention_forward(const AttentionForwardArgs& args);
@@ -49,12 +47,6 @@ void attention_backward_cpu(const AttentionBackwardArgs& args);
 // says whether a call qualifies); the views must be 16-byte aligned with strides in multiples of
 // 8 elements. Launched on q's stream with no host synchronisation.
 bool attention_cuda_supports(DType dtype, int64_t head_dim, int64_t block);
-// Whether the CUDA backward on this device takes dQ's product in its dK/dV pass, summing it in
-// AttentionBackwardArgs::ws_dq_accum, which the caller then allocates: Hopper, head dim 64 or 80,
-// no prefix or the prefix's gradients asked for (else the prefix's keys would miss dQ), and
-// LONG_EXPOSURE_ATTENTION_KERNEL=accumulated-dq for now. Without the workspace the backward runs
-// its own dQ pass.
-bool attention_backward_accumulates_dq(DType dtype, int64_t head_dim, int64_t block, int device, bool prefix_without_grad);
 void attention_forward_cuda(const AttentionForwardArgs& args);
 void attention_backward_cuda(const AttentionBackwardArgs& args);
 

@@ -122,21 +122,18 @@ def _backward_impl(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dpk = q.new_empty(prefix_k.shape) if need_dprefix else q.new_empty(0)
     dpv = q.new_empty(prefix_v.shape) if need_dprefix else q.new_empty(0)
-    workspaces = (None, None, None, None)
+    workspaces = (None, None, None)
     if q.is_cuda:  # rowsum(dout * out), and the layout transposed on device (query blocks per key block)
         Lb, _, n_q = counts.shape
-        accumulates_dq = _C.attention_backward_accumulates_dq(
-            _DTYPE_CODES[q.dtype], D, block, q.device.index, prefix_k is not None and not need_dprefix)
         workspaces = (q.new_empty(B, H, S, dtype=torch.float32), q.new_empty(Lb, H, n_q, dtype=torch.int32),
-                      q.new_empty(Lb, H, n_q, n_q, dtype=torch.int32),
-                      q.new_empty(B, H, S, D, dtype=torch.float32) if accumulates_dq else None)
+                      q.new_empty(Lb, H, n_q, n_q, dtype=torch.int32))
     view = viewer(q)
     _C.attention_backward(
         view(dout, "dout"), view(q, "q"), view(k, "k"), view(v, "v"), view(prefix_k, "prefix_k"),
         view(prefix_v, "prefix_v"), view(out, "out"), view(lse, "lse"), view(counts, "layout counts"),
         view(indices, "layout indices"), block, scale, view(dq, "dq"), view(dk, "dk"), view(dv, "dv"),
         view(dpk, "dprefix_k") if need_dprefix else None, view(dpv, "dprefix_v") if need_dprefix else None,
-        *(view(w, name) for w, name in zip(workspaces, ("ws_delta", "ws_q_counts", "ws_q_indices", "ws_dq_accum"))),
+        *(view(w, name) for w, name in zip(workspaces, ("ws_delta", "ws_q_counts", "ws_q_indices"))),
     )
     return dq, dk, dv, dpk, dpv
 
