@@ -43,14 +43,16 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, default=128)
     parser.add_argument("--kernels", nargs="+", default=["default", "mma"],
                         choices=["default", "mma", "cp-async", "tma-deep", "tma-128x256", "tma-128x128", "persistent-plain",
-                                 "persistent-staged"],
+                                 "persistent-staged", "grid-order"],
                         help="default: what the device gets (wgmma fed by TMA on a Hopper, 128-token tiles on the persistent engine); mma: the portable "
                              "mma.sync kernels; cp-async: wgmma fed by the cp.async ring; tma-deep: "
                              "64-token tiles on one thread block per SM with a five-stage ring; tma-128x256: 128-token "
                              "tiles as one 128 x 256 product per thread block; tma-128x128: 128-token tiles as "
                              "128 x 128 products, two thread blocks per SM; persistent-plain: the persistent engine "
                              "with dH reading H's signs in its epilogue (not ahead, in its producer's warps); "
-                             "persistent-staged: the default with every output stored through shared memory by TMA")
+                             "persistent-staged: the default with every output stored through shared memory by TMA; "
+                             "grid-order: the default with fc2's and dX's tiles in the grid's order, not heaviest "
+                             "token row first")
     args = parser.parse_args()
     dev, dt, T = "cuda", torch.bfloat16, args.tokens
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {T} tokens, bf16, "
@@ -75,10 +77,12 @@ def main() -> None:
         dense_ms = cuda_ms(dense)
         flops = 8 * T * d * F  # two GEMMs forward, two to the input backward
         for kernels, density in [(k, dens) for k in args.kernels for dens in args.density]:
-            if kernels != "default":
+            os.environ.pop("LONG_EXPOSURE_MLP_KERNEL", None)
+            os.environ.pop("LONG_EXPOSURE_MLP_TILE_ORDER", None)
+            if kernels == "grid-order":
+                os.environ["LONG_EXPOSURE_MLP_TILE_ORDER"] = "grid"
+            elif kernels != "default":
                 os.environ["LONG_EXPOSURE_MLP_KERNEL"] = kernels
-            else:
-                os.environ.pop("LONG_EXPOSURE_MLP_KERNEL", None)
             mask = random_mlp_mask(T, F, args.tile_m, args.block_n, density,
                                    generator=torch.Generator().manual_seed(1)).to(dev)
             real = mask.density(-(-F // args.block_n)).item()

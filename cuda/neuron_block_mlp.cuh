@@ -35,6 +35,7 @@ constexpr int kStages = 4;
 struct Dims {
   int64_t tokens, model, neurons, r1, r2, tile_m, block_n, capacity;
   int tile_group;  // grouped_pair_position's; 0: the engine's choice (tile_group())
+  bool grid_order;  // the persistent engine's fc2 and dX walk the grid's order, not heavy rows first
 };
 
 // The operands' tensor maps, encoded by the launcher for engines that load by TMA only; named

@@ -7,6 +7,7 @@
 
 #include "cuda_check.cuh"
 #include "float_kernels.cuh"
+#include "kernel_choice.cuh"
 #include "neuron_block_mlp.cuh"
 #include "tma.cuh"
 
@@ -33,6 +34,10 @@ inline int tile_group() {
   return chosen > 0 ? chosen : 0;
 }
 
+// LONG_EXPOSURE_MLP_TILE_ORDER=grid: the persistent engine's fc2 and dX tiles in the grid's order
+// (PersistentEngine::run), to compare.
+inline bool grid_order() { return kernel_variable_is("LONG_EXPOSURE_MLP_TILE_ORDER", "grid"); }
+
 // x: the forward's input, or dy in the backward (the same [T, d]).
 inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& mask, const TensorView& lora1_u,
                     const TensorView& lora2_a) {
@@ -44,7 +49,8 @@ inline Dims dims_of(const TensorView& x, const TensorView& w1, const MlpMask& ma
               mask.tile_m,
               mask.block_n,
               mask.capacity(),
-              tile_group()};
+              tile_group(),
+              grid_order()};
 }
 
 // One of the four products: grid (Work::width, Work::height) of one tile each, or for a

@@ -371,33 +371,55 @@ def test_cuda_kernel_at_model_scale(mlp_kernel):
     check_cuda_kernel(shape, torch.bfloat16, mask, lora_rank=16, bias=True, seed=31)
 
 
+def outputs_under(variable, shape, density, seed, monkeypatch):
+    """outputs(value): every output and gradient of one MLP call (H on active entries only) with the
+    environment variable set to value (None: unset), for comparing the bits across its values."""
+    mask = random_mlp_mask(shape[0], shape[2], shape[3], shape[4], density, generator=torch.Generator().manual_seed(seed))
+    inputs, _ = make_inputs(shape, torch.bfloat16, 1.0, seed=seed + 1)
+    inputs = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if v is not None else None) for k, v in inputs.items()}
+    g = torch.Generator().manual_seed(seed + 2)
+    dy = torch.randn(shape[0], shape[1], generator=g).bfloat16().cuda()
+    dv2 = torch.randn(shape[0], 3, generator=g).bfloat16().cuda()
+    counts = mask.counts
+    mask = mask.to("cuda")
+
+    def outputs(value):
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, str(value))
+        y, h, v2 = run_op(inputs, mask)
+        h = torch.where(active_entries(mask, shape[0], shape[2]), h, torch.zeros((), dtype=h.dtype, device="cuda"))
+        return dict(y=y, h=h, v2=v2, **grads(run_op, inputs, mask, dy, dv2))
+
+    outputs.counts = counts
+    return outputs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("density", [0.6, 1.0])  # 1.0: every tile of fc1's and dH's grids active
 def test_cuda_tile_groups_leave_every_output_unchanged(density, mlp_kernel, monkeypatch):
     """fc1 and dH launch token tiles in groups (LONG_EXPOSURE_MLP_TILE_GROUP); every group size,
     including ones that leave the last group short or exceed the tile count, computes the same bits."""
-    shape = (1000, 256, 1024, 128, 128)  # 8 token tiles, the last ragged
-    mask = random_mlp_mask(shape[0], shape[2], shape[3], shape[4], density, generator=torch.Generator().manual_seed(8))
-    inputs, _ = make_inputs(shape, torch.bfloat16, 1.0, seed=9)
-    inputs = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if v is not None else None) for k, v in inputs.items()}
-    mask = mask.to("cuda")
-    g = torch.Generator().manual_seed(10)
-    dy = torch.randn(shape[0], shape[1], generator=g).bfloat16().cuda()
-    dv2 = torch.randn(shape[0], 3, generator=g).bfloat16().cuda()
-
-    def outputs(group):
-        if group is None:  # the engine's own choice
-            monkeypatch.delenv("LONG_EXPOSURE_MLP_TILE_GROUP", raising=False)
-        else:
-            monkeypatch.setenv("LONG_EXPOSURE_MLP_TILE_GROUP", str(group))
-        y, h, v2 = run_op(inputs, mask)
-        h = torch.where(active_entries(mask, shape[0], shape[2]), h, torch.zeros((), dtype=h.dtype, device="cuda"))
-        return dict(y=y, h=h, v2=v2, **grads(run_op, inputs, mask, dy, dv2))
-
-    expected = outputs(1)
+    outputs = outputs_under("LONG_EXPOSURE_MLP_TILE_GROUP", (1000, 256, 1024, 128, 128), density, 8, monkeypatch)
+    expected = outputs(1)  # 8 token tiles, the last ragged
     for group in (None, 2, 3, 8, 50):
         for name, t in outputs(group).items():
             assert torch.equal(t, expected[name]), f"{name} differs with tile group {group}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [0.3, 0.6])
+def test_cuda_heavy_rows_first_leaves_every_output_unchanged(density, monkeypatch):
+    """The persistent engine walks fc2's and dX's tiles heaviest token row first, snaking over its
+    thread blocks; the grid's order (LONG_EXPOSURE_MLP_TILE_ORDER=grid) computes the same bits. 32
+    ragged token rows of 5 tiles each outnumber an H100's or H200's 132 SMs, so blocks take two passes."""
+    outputs = outputs_under("LONG_EXPOSURE_MLP_TILE_ORDER", (4000, 1024, 1024, 128, 128), density, 11, monkeypatch)
+    assert outputs.counts.unique().numel() > 2, "rows of different weights, or there is nothing to rank"
+    expected = outputs("grid")
+    for name, t in outputs(None).items():
+        assert not t.isnan().any(), f"{name} has unwritten (NaN) elements"
+        assert torch.equal(t, expected[name]), f"{name} differs between the ranked and the grid order"
 
 
 @pytest.mark.gpu

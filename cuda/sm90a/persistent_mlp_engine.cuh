@@ -102,6 +102,9 @@ struct PersistentEngine {
   }
   static constexpr int kSlots = kPieces * wgmma::kN / 8;  // column pairs each consumer thread holds
   static constexpr unsigned kDenseGroup = 8;  // run()'s order of fc1's and dH's tiles on a full grid
+  // fc2 and dX rank their token rows by weight where there are at most this many (each thread
+  // compares its rows with all: 512 rows cost 384 threads under 700 reads each).
+  static constexpr unsigned kRankedRows = 512;
   struct Acc {
     float d[kPieces][64];
   };
@@ -231,7 +234,9 @@ struct PersistentEngine {
     constexpr bool kAhead = AHEAD && Work::kReadsAhead;
     using Epilogue = EpilogueShared<PersistentEngine>;
     Work work = mask_work;
-    unsigned tiles = Work::width(work.p) * Work::height(work.p);
+    const unsigned width = Work::width(work.p);
+    unsigned tiles = width * Work::height(work.p);
+    const int32_t* work_order = nullptr;  // fc2's and dX's token rows, heaviest first
     const int64_t mask_tiles = (work.p.dims.tokens + work.p.dims.tile_m - 1) / work.p.dims.tile_m;
     if (mask_tiles <= Epilogue::kCounts) {
       int32_t* counts = Epilogue::counts(raw);
@@ -265,6 +270,26 @@ struct PersistentEngine {
           }
         }
       }
+      if constexpr (!Work::kPairs) {
+        const unsigned rows = Work::height(work.p);
+        if (rows <= kRankedRows && !work.p.dims.grid_order) {
+          // fc2 and dX: a tile's chunks are its token row's active blocks, so at mid densities the
+          // rows differ by tens of percent, and thread block b's share (b, b + gridDim.x, ...)
+          // drew unequal sums. Ranked heaviest first (ties by row), each row's tiles side by side.
+          int32_t* order = Epilogue::row_starts(raw);
+          auto cost = [&](unsigned y) { return work.counts[static_cast<int64_t>(y) * BM / work.p.dims.tile_m]; };
+          for (unsigned y = threadIdx.x; y < rows; y += kThreads) {
+            const int c = cost(y);
+            unsigned rank = 0;
+            for (unsigned z = 0; z < rows; ++z) {
+              const int other = cost(z);
+              rank += other > c || (other == c && z < y);
+            }
+            order[rank] = static_cast<int32_t>(y);
+          }
+          work_order = order;
+        }
+      }
     }
     T* shared = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
     T* staging = shared + STAGES * kStageElements;
@@ -292,6 +317,16 @@ struct PersistentEngine {
     }
     __syncthreads();
     const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / wgmma::kThreads, 0);
+    // This thread block's tile of a pass, or `tiles` past its last. In the grid's order: tiles b,
+    // b + gridDim.x, ... With ranked rows: pass k takes tiles k gridDim.x .. of the ranked order,
+    // thread blocks in turn forwards on even passes and backwards on odd ones, so that the block
+    // that drew the heaviest tile of one pass draws the lightest of the next.
+    auto tile_of = [&](unsigned pass) -> unsigned {
+      const unsigned blocks = gridDim.x, b = blockIdx.x;
+      const unsigned i = pass * blocks + (work_order && (pass & 1) ? blocks - 1 - b : b);
+      if (i >= tiles) return tiles;
+      return work_order ? static_cast<unsigned>(work_order[i / width]) * width + i % width : i;
+    };
 
     if (warpgroup == 0) {
       lower_registers<kAhead ? kAheadRegisters : kProducerRegisters>();
@@ -300,7 +335,7 @@ struct PersistentEngine {
           // Tile k (counted over the block's tiles with work) into buffer k % kAheadBuffers once
           // the consumers are done with its previous occupant.
           int k = 0;
-          for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+          for (unsigned walked = 0, w = tile_of(0); w < tiles; w = tile_of(++walked)) {
             typename Work::Tile t;
             if (!work.tile(w, t)) continue;
             if (k >= kAheadBuffers) tma::wait(ahead_empty(k), (k / kAheadBuffers - 1) & 1);
@@ -315,7 +350,7 @@ struct PersistentEngine {
       // Chunk `it` (counted over all the block's tiles) into stage it % STAGES once its previous
       // occupant is released.
       uint32_t it = 0;
-      for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+      for (unsigned walked = 0, w = tile_of(0); w < tiles; w = tile_of(++walked)) {
         typename Work::Tile t;
         if (!work.tile(w, t)) continue;
         const int n = work.chunks(t);
@@ -335,7 +370,9 @@ struct PersistentEngine {
     const bool lane0 = threadIdx.x % 32 == 0;
     uint32_t it = 0;
     int done = 0;
-    for (unsigned w = blockIdx.x; w < tiles; w += gridDim.x) {
+    // Broadcast from lane 0, the tile is uniform to the compiler (see n and live below).
+    auto uniform_tile_of = [&](unsigned pass) { return __shfl_sync(0xffffffffu, tile_of(pass), 0); };
+    for (unsigned walked = 0, w = uniform_tile_of(0); w < tiles; w = uniform_tile_of(++walked)) {
       typename Work::Tile t;
       if (!__shfl_sync(0xffffffffu, work.tile(w, t), 0)) continue;  // uniform, as n and live below
       const int k = done++;
