@@ -493,21 +493,19 @@ __host__ __device__ __forceinline__ int key_block_ranks(const BackwardParams& p)
 // The key block a dK/dV thread block takes and its list of query blocks, in shared memory. Prefix
 // blocks come first in the grid: they read every query block, and low key blocks most query
 // blocks, so the heaviest run first. A key block of the sequence reads the layout's transposed
-// list from its own block on. The list's length reaches every thread. before_list(is_prefix, kb)
-// runs as soon as the key block is known, so that its loads overlap the list's.
+// list from its own block on. The list's length reaches every thread.
 struct KeyBlockQueries {
   bool is_prefix;
   int kb, n_list;
 };
 
-template <int BLK, int THREADS, typename BeforeList>
+template <int BLK, int THREADS>
 __device__ __forceinline__ KeyBlockQueries key_block_queries(const BackwardParams& p, int rank, int b, int h, int* s_list,
-                                                            int* s_count, BeforeList before_list) {
+                                                            int* s_count) {
   const int n_prefix_blocks = p.want_prefix ? (p.prefix + BLK - 1) / BLK : 0;
   KeyBlockQueries w;
   w.is_prefix = rank < n_prefix_blocks;
   w.kb = w.is_prefix ? rank : rank - n_prefix_blocks;
-  before_list(w.is_prefix, w.kb);
   if (w.is_prefix) {
     for (int i = threadIdx.x; i < p.n_q; i += THREADS) s_list[i] = i;
     w.n_list = p.n_q;
@@ -712,7 +710,7 @@ __global__ void __launch_bounds__(BLK * 2) dkv_kernel(BackwardParams p) {
   if (item.rank >= key_block_ranks<BLK>(p)) return;
   const int h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count, [](bool, int) {});
+  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
   const bool is_prefix = work.is_prefix;
   const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;

@@ -157,16 +157,7 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   if (item.rank >= key_block_ranks<BLK>(p)) return;
   const int h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  // K and V start loading before the list is read: a thread block with few query tiles (low
-  // densities) otherwise waits out the list's reads and then its first copies, one after the other.
-  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(
-      p, item.rank, b, h, s_list, s_count, [&](bool prefix_block, int key_block) {
-        const int limit = prefix_block ? p.prefix : p.seq;
-        load_panel_rows<T, D, BLK, BLK, kThreads>(s_k, 0, prefix_block ? p.pk.plane<T>(b, h) : p.k.plane<T>(b, h),
-                                                  prefix_block ? p.pk.ss : p.k.ss, key_block * BLK, limit);
-        load_panel_rows<T, D, BLK, BLK, kThreads>(s_v, 0, prefix_block ? p.pv.plane<T>(b, h) : p.v.plane<T>(b, h),
-                                                  prefix_block ? p.pv.ss : p.v.ss, key_block * BLK, limit);
-      });
+  const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
   const bool is_prefix = work.is_prefix;
   const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;
@@ -194,7 +185,13 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   };
 
   const int key_limit = is_prefix ? p.prefix : p.seq;
-  if (n_tiles > 0) issue(0);
+  if (n_tiles > 0) {
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_k, 0, is_prefix ? p.pk.plane<T>(b, h) : p.k.plane<T>(b, h),
+                                              is_prefix ? p.pk.ss : p.k.ss, kb * BLK, key_limit);
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_v, 0, is_prefix ? p.pv.plane<T>(b, h) : p.v.plane<T>(b, h),
+                                              is_prefix ? p.pv.ss : p.v.ss, kb * BLK, key_limit);
+    issue(0);
+  }
   // Every thread block waits, including one with nothing to do: the grid's completion then implies
   // dQ's, which whatever follows in the stream relies on.
   wait_for_prerequisite_grid();
@@ -328,9 +325,7 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   wgmma::fence_registers(dv);
   wgmma::fence_registers(pf);
   wgmma::fence_registers(dsf);
-  // With no query tile, K's and V's copies, which the stores below pass through, have had no barrier.
   ptx::cp_async_wait<0>();
-  if (n_tiles == 0) __syncthreads();
 
   const Output out_k = is_prefix ? p.dpk : p.dk;
   const Output out_v = is_prefix ? p.dpv : p.dv;
@@ -360,18 +355,6 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   if (item.rank >= p.n_q) return;
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-
-  // dO, O and Q start loading before the list is read (see dkv_kernel), Q even for a block with no
-  // keys to visit. dO and O are needed all the same: such a block's rows' delta is written too. Each
-  // warpgroup's 64 rows of O go to the last stage's key or value tile, which no tile takes before
-  // the loop's first barrier.
-  auto o_rows = [&](int g) { return (g == 0 ? s_k : s_v) + (kStages - 1) * C::kTileElements; };
-  load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
-#pragma unroll
-  for (int g = 0; g < C::kGroups; ++g)
-    load_panel_rows<T, D, 64, 64, kThreads>(o_rows(g), 0, p.out.plane<T>(b, h), p.out.ss, qb * BLK + 64 * g, p.seq);
-  load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
-
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
   const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
                                   p.capacity, 0, qb);
@@ -395,7 +378,18 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
     }
   };
 
-  if (n_tiles > 0) issue(0);
+  // dO and O are loaded even for a block with no keys to visit: its rows' delta is written all the
+  // same. Each warpgroup's 64 rows of O go to the last stage's key or value tile, which no tile
+  // takes before the loop's first barrier.
+  auto o_rows = [&](int g) { return (g == 0 ? s_k : s_v) + (kStages - 1) * C::kTileElements; };
+  load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
+#pragma unroll
+  for (int g = 0; g < C::kGroups; ++g)
+    load_panel_rows<T, D, 64, 64, kThreads>(o_rows(g), 0, p.out.plane<T>(b, h), p.out.ss, qb * BLK + 64 * g, p.seq);
+  if (n_tiles > 0) {
+    load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
+    issue(0);
+  }
   ptx::cp_async_commit();
 
   // This thread's accumulator rows (queries) and first column (key) within each 8-column group.
