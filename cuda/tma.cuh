@@ -71,7 +71,7 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, int3
 
 // The box of `map` at (c0, c1) from `src` (swizzled as load_box lands it), in the bulk-async group
 // that commit_stores closes. The issuing thread's writes to `src` (and, through a barrier, other
-// threads') must be made visible to the async proxy first (fence_shared_to_async).
+// threads') must be made visible to the async proxy first (wgmma::fence_proxy).
 __device__ __forceinline__ void store_box(const CUtensorMap* map, int32_t c0, int32_t c1, const void* src) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
                    reinterpret_cast<uint64_t>(map)),
@@ -83,8 +83,6 @@ __device__ __forceinline__ void commit_stores() { asm volatile("cp.async.bulk.co
 __device__ __forceinline__ void wait_stores_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // Until every committed store is done.
 __device__ __forceinline__ void wait_stores() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-// Orders this thread's shared-memory writes before later async-proxy (TMA) reads of them.
-__device__ __forceinline__ void fence_shared_to_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // ---- host side ----
 

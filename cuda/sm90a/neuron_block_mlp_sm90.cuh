@@ -1,6 +1,8 @@
 // The neuron-block MLP's Hopper launches, for either element type (one instantiation file each).
 #pragma once
 
+#include <type_traits>
+
 #include "kernel_choice.cuh"
 #include "neuron_block_mlp_launch.cuh"
 #include "persistent_mlp_engine.cuh"
@@ -73,30 +75,26 @@ void with_chosen_engine(int64_t tile_m, const Launch& launch) {
     mlp_deep_ring() ? launch.template with<Tma64x256>() : launch.template with<Tma64x256Pair>();
 }
 
-template <typename T>
-struct ForwardLaunch {
-  const MlpForwardArgs& a;
+// The forward (MlpForwardArgs) or the backward (MlpBackwardArgs) on the engine named by with().
+template <typename T, typename Args>
+struct PassLaunch {
+  const Args& a;
   template <template <typename, bool> class Engine>
   void with() const {
-    forward_with<T, Engine>(a);
-  }
-};
-template <typename T>
-struct BackwardLaunch {
-  const MlpBackwardArgs& a;
-  template <template <typename, bool> class Engine>
-  void with() const {
-    backward_with<T, Engine>(a);
+    if constexpr (std::is_same_v<Args, MlpForwardArgs>)
+      forward_with<T, Engine>(a);
+    else
+      backward_with<T, Engine>(a);
   }
 };
 
 template <typename T>
 void forward_hopper(const MlpForwardArgs& a) {
-  with_chosen_engine(a.mask.tile_m, ForwardLaunch<T>{a});
+  with_chosen_engine(a.mask.tile_m, PassLaunch<T, MlpForwardArgs>{a});
 }
 template <typename T>
 void backward_hopper(const MlpBackwardArgs& a) {
-  with_chosen_engine(a.mask.tile_m, BackwardLaunch<T>{a});
+  with_chosen_engine(a.mask.tile_m, PassLaunch<T, MlpBackwardArgs>{a});
 }
 
 }  // namespace neuron_block

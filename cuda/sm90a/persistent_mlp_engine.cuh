@@ -434,7 +434,7 @@ struct PersistentEngine {
         consumers_sync(kConsumerThreads);
         StageSink sink{staging};
         work.epilogue(t, acc, s_bias, ahead, sink);
-        tma::fence_shared_to_async();
+        wgmma::fence_proxy();
         consumers_sync(kConsumerThreads);
         if (consumer_thread == 0) {
           work.store_boxes(t, [&](const CUtensorMap* map, int b, int c0, int c1) {
