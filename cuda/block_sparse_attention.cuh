@@ -216,14 +216,17 @@ dim3 rank_grid(Params& p, int ranks, int batch) {
 // Copies the entries of a block list that lie in [lo, hi] into shared memory (warp 0, in list
 // order) and returns how many there are to every thread. Entries outside the range hold no
 // visible key (causality) or are not valid block numbers; a count beyond the capacity is clamped.
-__device__ __forceinline__ int compact_list(int* out, int* out_count, const int32_t* list,
-                                            int count, int capacity, int lo, int hi) {
+// The count and the list's first 32 entries are read at once, not one after the other: at low
+// densities a thread block's whole work is a few tiles, and this read heads its critical path.
+__device__ __forceinline__ int compact_list(int* out, int* out_count, const int32_t* list, const int32_t* count_at,
+                                            int capacity, int lo, int hi) {
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    count = min(max(count, 0), capacity);
+    int v = lane < capacity ? list[lane] : -1;  // entries past the count are never kept
+    const int count = min(max(*count_at, 0), capacity);
     int n = 0;
     for (int s = 0; s < count; s += 32) {
-      const int v = s + lane < count ? list[s + lane] : -1;
+      if (s > 0) v = s + lane < count ? list[s + lane] : -1;
       const bool keep = s + lane < count && v >= lo && v <= hi;
       const unsigned mask = __ballot_sync(0xffffffffu, keep);
       if (keep) out[n + __popc(mask & ((1u << lane) - 1u))] = v;
@@ -325,7 +328,7 @@ __global__ void __launch_bounds__(BLK * 2) forward_kernel(ForwardParams p) {
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
-  const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
+  const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts + row,
                                   p.capacity, 0, qb);
   const KeyTiles<T, D, BLK, kBk, kThreads> tiles(p, s_list, n_list, b, h, qb);
   const int n_tiles = tiles.n_tiles;
@@ -512,7 +515,7 @@ __device__ __forceinline__ KeyBlockQueries key_block_queries(const BackwardParam
     __syncthreads();
   } else {
     const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + w.kb;
-    w.n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts[row], p.t_capacity, w.kb,
+    w.n_list = compact_list(s_list, s_count, p.t_indices + row * p.t_capacity, p.t_counts + row, p.t_capacity, w.kb,
                             p.n_q - 1);
   }
   return w;
@@ -607,7 +610,7 @@ __global__ void __launch_bounds__(BLK * 2) dq_kernel(BackwardParams p) {
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
-  const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts[row],
+  const int n_list = compact_list(s_list, s_count, p.indices + row * p.capacity, p.counts + row,
                                   p.capacity, 0, qb);
   const KeyTiles<T, D, BLK, kBk, kThreads> tiles(p, s_list, n_list, b, h, qb);
   const int n_tiles = tiles.n_tiles;

@@ -184,13 +184,16 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
     s_delta[(t % kStages) * kBq + threadIdx.x] = delta;
   };
 
+  // With three stages tile 1 starts with tile 0: a key block of one or two query tiles (low
+  // densities) then waits for memory once.
+  constexpr int kFirstInLoop = kStages == 3 ? 2 : 1;
   const int key_limit = is_prefix ? p.prefix : p.seq;
   if (n_tiles > 0) {
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_k, 0, is_prefix ? p.pk.plane<T>(b, h) : p.k.plane<T>(b, h),
                                               is_prefix ? p.pk.ss : p.k.ss, kb * BLK, key_limit);
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_v, 0, is_prefix ? p.pv.plane<T>(b, h) : p.v.plane<T>(b, h),
                                               is_prefix ? p.pv.ss : p.v.ss, kb * BLK, key_limit);
-    issue(0);
+    for (int t = 0; t < kFirstInLoop && t < n_tiles; ++t) issue(t);
   }
   // Every thread block waits, including one with nothing to do: the grid's completion then implies
   // dQ's, which whatever follows in the stream relies on.
@@ -229,7 +232,7 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
     ptx::cp_async_wait<0>();
     wgmma::fence_proxy();
     __syncthreads();
-    if (t + 1 < n_tiles) issue(t + 1);
+    if (t + 1 >= kFirstInLoop && t + 1 < n_tiles) issue(t + 1);
     ptx::cp_async_commit();
     const bool carry = t + 1 < n_tiles && threadIdx.x < kBq;
     float next_lse = 0.f, next_delta = 0.f;
@@ -356,7 +359,7 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
-  const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
+  const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts + layout_row,
                                   p.capacity, 0, qb);
   const int n_prefix = (p.prefix + kKeys - 1) / kKeys;
   const int n_tiles = n_prefix + n_list * kPerBlock;
@@ -386,9 +389,12 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
 #pragma unroll
   for (int g = 0; g < C::kGroups; ++g)
     load_panel_rows<T, D, 64, 64, kThreads>(o_rows(g), 0, p.out.plane<T>(b, h), p.out.ss, qb * BLK + 64 * g, p.seq);
+  // With three stages tile 1 starts here too, into the one stage O leaves free: a block of one or
+  // two tiles (low densities) then waits for memory once.
+  constexpr int kFirstInLoop = kStages == 3 ? 2 : 1;
   if (n_tiles > 0) {
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
-    issue(0);
+    for (int t = 0; t < kFirstInLoop && t < n_tiles; ++t) issue(t);
   }
   ptx::cp_async_commit();
 
@@ -425,7 +431,7 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
     ptx::cp_async_wait<0>();
     wgmma::fence_proxy();
     __syncthreads();
-    if (t + 1 < n_tiles) issue(t + 1);
+    if (t + 1 >= kFirstInLoop && t + 1 < n_tiles) issue(t + 1);
     ptx::cp_async_commit();
     const T* tk = s_k + (t % kStages) * C::kTileElements;
     const T* tv = s_v + (t % kStages) * C::kTileElements;

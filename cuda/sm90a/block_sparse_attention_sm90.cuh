@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
-  const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts[layout_row],
+  const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts + layout_row,
                                   p.capacity, 0, qb);
   const Segments<T, BLK> segments(p, s_list, n_list, b, h, qb);
   const int n_tiles = (segments.n + kSegments - 1) / kSegments;
@@ -212,9 +212,16 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
       segments.template load<D, kKeys, kThreads>(tile, g, t * kSegments + g, values);
   };
 
+  // Every buffer is filled at once: Q, the first two key tiles and the first two value tiles. A
+  // block with one or two tiles (low densities) then waits for memory once, not three times.
   if (n_tiles > 0) {
     load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
     issue(0, false);
+    issue(0, true);
+    if (n_tiles > 1) {
+      issue(1, false);
+      issue(1, true);
+    }
   }
   ptx::cp_async_commit();
 
@@ -233,13 +240,14 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 
   // Waits for the loads issued one iteration earlier, publishes them to the tensor cores (the
   // async proxy) and to the other warpgroup, then starts K_{t+1} and V_t into the buffers of K_{t-1}
-  // and V_{t-2}, which every warpgroup finished with before arriving here.
+  // and V_{t-2}, which every warpgroup finished with before arriving here; the prologue took K_1,
+  // V_0 and V_1.
   auto next_tile = [&](int t) {
     ptx::cp_async_wait<0>();
     wgmma::fence_proxy();
     __syncthreads();
-    if (t + 1 < n_tiles) issue(t + 1, false);
-    if (t < n_tiles) issue(t, true);
+    if (t >= 1 && t + 1 < n_tiles) issue(t + 1, false);
+    if (t >= 2 && t < n_tiles) issue(t, true);
     ptx::cp_async_commit();
   };
   auto issue_scores = [&](int t) {
