@@ -57,19 +57,16 @@ namespace long_exposure {
 namespace attention_cuda {
 namespace sm90 {
 
-// NARROW: 32-query tiles at head dim 64 with 64-key blocks, so that three thread blocks share an
-// SM instead of two; chosen by LONG_EXPOSURE_ATTENTION_DKV_QUERIES=32 (see launch_backward_sm90).
-template <int D, int BLK, bool NARROW = false>
+template <int D, int BLK>
 struct DkvConfig {
   static_assert(BLK == 64 || BLK == 128, "the wgmma backward takes blocks of 64 and 128");
-  static_assert(!NARROW || (D == 64 && BLK == 64), "the narrow dK/dV pass is for head dim 64 and 64-key blocks");
   static constexpr int kWidth = panel_width<D>();
   static constexpr int kGroups = BLK / 64, kThreads = 128 * kGroups;
-  static constexpr int kBq = D == 128 || NARROW ? 32 : 64;  // queries per tile
+  static constexpr int kBq = D == 128 ? 32 : 64;  // queries per tile
   static constexpr int kPerBlock = BLK / kBq;
   // Three 64-key blocks per SM would cap registers at 168, which spills dK, dV, P, dP and both
-  // fragment sets of 64-query tiles; two leave room for all. 32-query tiles halve P and dP.
-  static constexpr int kMinBlocks = BLK == 64 ? (NARROW ? 3 : 2) : 1;
+  // fragment sets; two leave room for all.
+  static constexpr int kMinBlocks = BLK == 64 ? 2 : 1;
   // Three query-tile buffers: tile t + 1 loads while tile t computes and tile t - 1's last
   // products may still read theirs. Two also work, each tile's products then waited for within
   // its own iteration; head dim 80 with 64-key blocks takes two, as three (128 KiB, its 64-query
@@ -141,10 +138,10 @@ __device__ __forceinline__ void row_deltas(const T* s_do, int do_row, const T* s
   }
 }
 
-template <typename T, int D, int BLK, bool NARROW>
-__global__ void __launch_bounds__(DkvConfig<D, BLK, NARROW>::kThreads, DkvConfig<D, BLK, NARROW>::kMinBlocks)
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
     dkv_kernel(BackwardParams p) {
-  using C = DkvConfig<D, BLK, NARROW>;
+  using C = DkvConfig<D, BLK>;
   constexpr int kBq = C::kBq, kPerBlock = C::kPerBlock, kThreads = C::kThreads, kStages = C::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_k = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -519,33 +516,10 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
 
 }  // namespace sm90
 
-// The dK/dV pass, launched to start while dQ's last thread blocks run (programmatic dependent
-// launch, see allow_dependent_launch).
-template <typename T, int D, int BLK, bool NARROW>
-void launch_dkv_sm90(BackwardParams& p, int batch, cudaStream_t stream) {
-  using C = sm90::DkvConfig<D, BLK, NARROW>;
-  const size_t smem = C::template smem_bytes<T>(p.n_q);
-  auto kernel = sm90::dkv_kernel<T, D, BLK, NARROW>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-             "attention dK/dV (wgmma) shared memory");
-  cudaLaunchConfig_t config{};
-  config.gridDim = rank_grid(p, key_block_ranks<BLK>(p), batch);
-  config.blockDim = dim3(C::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "0") ? 0 : 1;
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
-}
-
 template <typename T, int D, int BLK>
 void launch_backward_sm90(const AttentionBackwardArgs& a) {
   BackwardParams p = backward_params(a);
   cudaStream_t stream = stream_of(a.q.stream);
-  const int batch = static_cast<int>(a.q.size(0));
 
   // dQ first: it computes delta for the dK/dV pass, which reads it for every query tile it visits.
   {
@@ -554,14 +528,28 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     auto kernel = sm90::dq_kernel<T, D, BLK>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dQ (wgmma) shared memory");
-    const dim3 grid = rank_grid(p, p.n_q, batch);
+    const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
     kernel<<<grid, C::kThreads, smem, stream>>>(p);
     check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
   }
-  if constexpr (D == 64 && BLK == 64) {
-    if (kernel_variable_is("LONG_EXPOSURE_ATTENTION_DKV_QUERIES", "32")) return launch_dkv_sm90<T, D, BLK, true>(p, batch, stream);
+  {
+    using C = sm90::DkvConfig<D, BLK>;
+    const size_t smem = C::template smem_bytes<T>(p.n_q);
+    auto kernel = sm90::dkv_kernel<T, D, BLK>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "attention dK/dV (wgmma) shared memory");
+    cudaLaunchConfig_t config{};
+    config.gridDim = rank_grid(p, key_block_ranks<BLK>(p), static_cast<int>(a.q.size(0)));
+    config.blockDim = dim3(C::kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attribute;
+    config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "0") ? 0 : 1;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
   }
-  launch_dkv_sm90<T, D, BLK, false>(p, batch, stream);
 }
 
 }  // namespace attention_cuda

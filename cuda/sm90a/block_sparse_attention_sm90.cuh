@@ -9,7 +9,7 @@
 // Shape of the work. One thread block per (query block, head, batch) as before; one warpgroup
 // (128 threads) per 64 query rows, so a 128-row layout block has two, which share every key and
 // value tile. Keys arrive in 64-key segments: the prefix's first, then BLK / 64 per listed key
-// block. A tile is kSegments segments (128 keys where registers and shared memory allow, else 64),
+// block. A tile is kSegments segments (128 keys for 128-row blocks, 64 for 64-row ones: Config),
 // gathered row by row by cp.async, so two 64-key layout blocks far apart still make one 128-wide
 // product; a segment past the end is zero-filled and masked out entirely.
 //
@@ -41,7 +41,6 @@
 #include <cstdint>
 
 #include "block_sparse_attention.cuh"
-#include "kernel_choice.cuh"
 #include "wgmma_attention.cuh"
 
 namespace long_exposure {
@@ -58,21 +57,20 @@ constexpr int panel_width() {
   return (D + 63) / 64 * 64;
 }
 
-// NARROW: 64-key tiles for a 64-row block one panel wide (head dim 64), four thread blocks per SM
-// instead of three (41 KiB of shared memory each, at most 128 registers per thread); chosen by
-// LONG_EXPOSURE_ATTENTION_FWD_KEYS=64 (see launch_forward_sm90).
-template <int D, int BLK, bool NARROW = false>
+template <int D, int BLK>
 struct Config {
   static_assert(BLK == 64 || BLK == 128, "the wgmma forward takes blocks of 64 and 128");
-  static_assert(!NARROW || (D == 64 && BLK == 64), "the narrow forward is for head dim 64 and 64-row blocks");
   static constexpr int kWidth = panel_width<D>();
   static constexpr int kGroups = BLK / 64;  // warpgroups, 64 query rows each
   static constexpr int kThreads = 128 * kGroups;
-  // A 64-row block with two panels keeps 64-key tiles: two thread blocks then fit an SM (80 KiB
+  // A 64-row block takes 64-key tiles. With two panels, two thread blocks then fit an SM (80 KiB
   // of shared memory each); with 128-key tiles one would (144 KiB) and idle through its barriers.
-  static constexpr int kSegments = (NARROW || (kWidth == 128 && BLK == 64)) ? 1 : 2;
+  // With one panel (head dim 64), four fit (41 KiB, at most 128 registers a thread) where 128-key
+  // tiles fit three, and a short list no longer ends on a half-empty tile: the kernel is 4% faster
+  // at density 1 and 20% at 0.18 (OPT-1.3B shapes, bench/RESULTS.md session 24).
+  static constexpr int kSegments = BLK == 64 ? 1 : 2;
   static constexpr int kKeys = 64 * kSegments;
-  static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 64 ? (NARROW ? 4 : 3) : 2);
+  static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 64 ? 4 : 2);
   static constexpr int kQElements = BLK * kWidth, kTileElements = kKeys * kWidth;
   template <typename T>
   static size_t smem_bytes(int n_q) {
@@ -188,10 +186,10 @@ struct Segments {
   }
 };
 
-template <typename T, int D, int BLK, bool NARROW>
-__global__ void __launch_bounds__(Config<D, BLK, NARROW>::kThreads, Config<D, BLK, NARROW>::kMinBlocks)
+template <typename T, int D, int BLK>
+__global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMinBlocks)
     forward_kernel(ForwardParams p) {
-  using C = Config<D, BLK, NARROW>;
+  using C = Config<D, BLK>;
   constexpr int kKeys = C::kKeys, kSegments = C::kSegments, kThreads = C::kThreads;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -409,26 +407,18 @@ __global__ void __launch_bounds__(Config<D, BLK, NARROW>::kThreads, Config<D, BL
 
 }  // namespace sm90
 
-template <typename T, int D, int BLK, bool NARROW>
-void launch_forward_kernel_sm90(const AttentionForwardArgs& a) {
-  using C = sm90::Config<D, BLK, NARROW>;
+template <typename T, int D, int BLK>
+void launch_forward_sm90(const AttentionForwardArgs& a) {
+  using C = sm90::Config<D, BLK>;
   ForwardParams p = forward_params(a);
 
   const size_t smem = C::template smem_bytes<T>(p.n_q);
-  auto kernel = sm90::forward_kernel<T, D, BLK, NARROW>;
+  auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
   const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
   kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
-}
-
-template <typename T, int D, int BLK>
-void launch_forward_sm90(const AttentionForwardArgs& a) {
-  if constexpr (D == 64 && BLK == 64) {
-    if (kernel_variable_is("LONG_EXPOSURE_ATTENTION_FWD_KEYS", "64")) return launch_forward_kernel_sm90<T, D, BLK, true>(a);
-  }
-  launch_forward_kernel_sm90<T, D, BLK, false>(a);
 }
 
 }  // namespace attention_cuda
