@@ -172,9 +172,8 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
     load_panel_rows<T, D, kBq, kBq, kThreads>(s_do + buf * C::kTileElements, 0, dout, p.dout.ss, q0, p.seq);
   };
   // Thread r < kBq carries row r's lse and delta; they travel through registers, read from global
-  // memory right after a barrier and stored to shared memory just before a later one, so that their
-  // latency hides behind a tile's products instead of holding up the warpgroup's first wgmma. With
-  // three stages they are read two tiles ahead and held through one more tile's products.
+  // memory right after a barrier and stored to shared memory just before the next, so that their
+  // latency hides behind a tile's products instead of holding up the warpgroup's first wgmma.
   auto fetch_rows = [&](int t, float& lse, float& delta) {
     const int i = tile_q0(t) + static_cast<int>(threadIdx.x);
     lse = backward_lse(p.lse + bh, i, p.seq);
@@ -199,17 +198,12 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   // Every thread block waits, including one with nothing to do: the grid's completion then implies
   // dQ's, which whatever follows in the stream relies on.
   wait_for_prerequisite_grid();
-  // Rows of tile t + kAhead are read in iteration t; the prologue reads those of the tiles before,
-  // all at once, behind the one wait for dQ's grid.
-  constexpr int kAhead = kFirstInLoop;
-  if (threadIdx.x < kBq) {
-    float lse[kAhead], delta[kAhead];
-#pragma unroll
-    for (int t = 0; t < kAhead; ++t)
-      if (t < n_tiles) fetch_rows(t, lse[t], delta[t]);
-#pragma unroll
-    for (int t = 0; t < kAhead; ++t)
-      if (t < n_tiles) stage_rows(t, lse[t], delta[t]);
+  if (n_tiles > 0) {
+    if (threadIdx.x < kBq) {
+      float lse, delta;
+      fetch_rows(0, lse, delta);
+      stage_rows(0, lse, delta);
+    }
   }
   ptx::cp_async_commit();
 
@@ -234,15 +228,15 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   // Tile t's dV and dK products are left running into iteration t + 1, behind its barrier and its
   // S^T and dP^T; the first wait there retires them. Every warpgroup has thus finished tile t - 2
   // before the barrier of iteration t, behind which tile t + 1 loads into tile t - 2's buffers.
-  float held_lse = 0.f, held_delta = 0.f;  // with two tiles ahead, the rows read one iteration earlier
   for (int t = 0; t < n_tiles; ++t) {
     ptx::cp_async_wait<0>();
     wgmma::fence_proxy();
     __syncthreads();
     if (t + 1 >= kFirstInLoop && t + 1 < n_tiles) issue(t + 1);
     ptx::cp_async_commit();
+    const bool carry = t + 1 < n_tiles && threadIdx.x < kBq;
     float next_lse = 0.f, next_delta = 0.f;
-    if (t + kAhead < n_tiles && threadIdx.x < kBq) fetch_rows(t + kAhead, next_lse, next_delta);
+    if (carry) fetch_rows(t + 1, next_lse, next_delta);
     const int buf = t % kStages;
     const T* tq = s_q + buf * C::kTileElements;
     const T* tdo = s_do + buf * C::kTileElements;
@@ -326,12 +320,8 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
       wgmma::fence_registers(pf);
       wgmma::fence_registers(dsf);
     }
-    // Tile t + 1's rows were read in iteration t + 1 - kAhead; its buffer's rows were last read in
-    // iteration t + 1 - kStages.
-    if (t >= kAhead - 1 && t + 1 < n_tiles && threadIdx.x < kBq)
-      stage_rows(t + 1, kAhead == 1 ? next_lse : held_lse, kAhead == 1 ? next_delta : held_delta);
-    held_lse = next_lse;
-    held_delta = next_delta;
+    // The rows of tile t + 1's buffer were last read in iteration t + 1 - kStages.
+    if (carry) stage_rows(t + 1, next_lse, next_delta);
   }
   wgmma::wait_all();
   wgmma::fence_registers(dk);
