@@ -10,8 +10,9 @@
 // (128 threads) per 64 query rows, so a 128-row layout block has two, which share every key and
 // value tile. Keys arrive in 64-key segments: the prefix's first, then BLK / 64 per listed key
 // block. A tile is kSegments segments (128 keys for 128-row blocks, 64 for 64-row ones: Config),
-// gathered row by row by cp.async, so two 64-key layout blocks far apart still make one 128-wide
-// product; a segment past the end is zero-filled and masked out entirely.
+// gathered row by row by cp.async, so segments from different places (the prefix's last and a
+// block's first half) still make one 128-wide product; a segment past the end is zero-filled and
+// masked out entirely.
 //
 // Per tile t, every warpgroup:
 //   issue S_t = Q K_t^T        wgmma, both operands in shared memory (K-major), fp32 in registers;
