@@ -16,14 +16,15 @@ namespace long_exposure {
 
 namespace {
 
-// cp.async moves 16 bytes at a time, so every row of every operand must start on 16 bytes.
+// cp.async and TMA move 16-byte pieces, so every row of every operand must start on 16 bytes; a
+// TMA map also takes no stride of 0 (a broadcast dimension) where the extent is above 1.
 void require_aligned(const TensorView& view, const char* name) {
   if (!view.defined()) return;
-  const bool ok = reinterpret_cast<uintptr_t>(view.data) % 16 == 0 && view.stride(0) % 8 == 0 &&
-                  view.stride(1) % 8 == 0 && view.stride(2) % 8 == 0;
+  bool ok = reinterpret_cast<uintptr_t>(view.data) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && view.stride(d) % 8 == 0 && (view.stride(d) != 0 || view.size(d) == 1);
   require(ok, std::string(name) +
-                  " must start on 16 bytes with strides in multiples of 8 elements for the CUDA "
-                  "attention kernels");
+                  " must start on 16 bytes with strides in nonzero multiples of 8 elements (but where a dimension "
+                  "has extent 1) for the CUDA attention kernels");
 }
 
 void require_supported(DType dtype, int64_t head_dim, int64_t block) {

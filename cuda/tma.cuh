@@ -69,6 +69,16 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, int3
       : "memory");
 }
 
+// The same for a map of rank 4 (planes_map): the box at (column c0, row c1) of plane (c2, c3).
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, int32_t c0, int32_t c1, int32_t c2,
+                                         int32_t c3, uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_address(barrier))
+      : "memory");
+}
+
 // The box of `map` at (c0, c1) from `src` (swizzled as load_box lands it), in the bulk-async group
 // that commit_stores closes. The issuing thread's writes to `src` (and, through a barrier, other
 // threads') must be made visible to the async proxy first (wgmma::fence_proxy).
@@ -128,6 +138,36 @@ CUtensorMap matrix_map(const T* base, int64_t rows, int64_t cols, int box_rows, 
       encoder()(&map, data_type<T>(), 2, const_cast<T*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   require(status == CUDA_SUCCESS, std::string("cuTensorMapEncodeTiled failed for ") + name + " [" +
+                                      std::to_string(rows) + ", " + std::to_string(cols) + "] (CUresult " +
+                                      std::to_string(static_cast<int>(status)) + ")");
+  return map;
+}
+
+// The map of a [batch, heads, rows, cols] operand at `base` with element strides sb, sh and ss
+// (the last dimension contiguous), read in boxes of 64 rows x 64 columns of one (batch, head)
+// plane, swizzled as matrix_map's. The strides may come in any order (heads inside rows, as a
+// transposed [batch, rows, heads, cols] tensor has them); they are whole 16-byte pieces, as the
+// attention launchers require. Rows and columns outside the plane read as zeros, so a box at row
+// `rows` fills its tile with zeros. An empty operand gets a blank map, which no kernel reads.
+template <typename T>
+CUtensorMap planes_map(const T* base, int64_t batch, int64_t heads, int64_t rows, int64_t cols, int64_t sb,
+                       int64_t sh, int64_t ss, const char* name) {
+  CUtensorMap map{};
+  if (base == nullptr || batch <= 0 || heads <= 0 || rows <= 0 || cols <= 0) return map;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  // A dimension of extent 1 may carry any stride; TMA still wants a multiple of 16 bytes.
+  auto stride = [](int64_t elements, int64_t extent) {
+    return static_cast<cuuint64_t>(extent == 1 ? 16 : elements * static_cast<int64_t>(sizeof(T)));
+  };
+  const cuuint64_t strides[3] = {stride(ss, rows), stride(sh, heads), stride(sb, batch)};
+  const cuuint32_t box[4] = {64, 64, 1, 1};
+  const cuuint32_t steps[4] = {1, 1, 1, 1};
+  const CUresult status =
+      encoder()(&map, data_type<T>(), 4, const_cast<T*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  require(status == CUDA_SUCCESS, std::string("cuTensorMapEncodeTiled failed for ") + name + " [" +
+                                      std::to_string(batch) + ", " + std::to_string(heads) + ", " +
                                       std::to_string(rows) + ", " + std::to_string(cols) + "] (CUresult " +
                                       std::to_string(static_cast<int>(status)) + ")");
   return map;

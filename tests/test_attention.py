@@ -386,6 +386,20 @@ def test_cuda_kernels_take_strided_and_misaligned_inputs(attention_kernel):
 
 
 @pytest.mark.gpu
+def test_cuda_kernels_take_a_prefix_broadcast_over_the_batch(attention_kernel):
+    inputs, g = make_inputs((3, 2, 200, 64, 64, 20), torch.bfloat16, seed=23, requires_grad=False)
+    inputs = to_cuda(inputs)
+    layout = make_layout("random", 3, 2, 200, 64, g).to("cuda")
+    one_k, one_v = (inputs[name][:1].detach() for name in ("prefix_k", "prefix_v"))
+    broadcast = {**inputs, "prefix_k": one_k.expand(3, -1, -1, -1), "prefix_v": one_v.expand(3, -1, -1, -1)}
+    copied = {**inputs, "prefix_k": one_k.repeat(3, 1, 1, 1), "prefix_v": one_v.repeat(3, 1, 1, 1)}
+    expected, expected_lse = run_op(copied, layout, 0.125)
+    out, lse = run_op(broadcast, layout, 0.125)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(lse, expected_lse, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["random", "local_sink"])
 def test_cuda_launch_order_leaves_every_output_unchanged(kind, attention_kernel, monkeypatch):
     """The grids launch block ranks in groups (LONG_EXPOSURE_ATTENTION_RANK_GROUP); every group size,

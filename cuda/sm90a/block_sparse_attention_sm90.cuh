@@ -42,6 +42,7 @@
 #include <cstdint>
 
 #include "block_sparse_attention.cuh"
+#include "tma.cuh"
 #include "wgmma_attention.cuh"
 
 namespace long_exposure {
@@ -73,10 +74,12 @@ struct Config {
   static constexpr int kKeys = 64 * kSegments;
   static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 64 ? 4 : 2);
   static constexpr int kQElements = BLK * kWidth, kTileElements = kKeys * kWidth;
+  static constexpr int kBarriers = 5;  // Q's, and one for each of the two key and two value tiles
   template <typename T>
   static size_t smem_bytes(int n_q) {
     // 1 KiB of slack puts the tiles on the 1024-byte boundary the swizzle pattern is taken from.
-    return 1024 + static_cast<size_t>(kQElements + 4 * kTileElements) * sizeof(T) + (n_q + 4) * sizeof(int);
+    return 1024 + static_cast<size_t>(kQElements + 4 * kTileElements) * sizeof(T) + kBarriers * sizeof(uint64_t) +
+           (n_q + 4) * sizeof(int);
   }
 };
 
@@ -129,37 +132,42 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[D / 2], float
   }
 }
 
+// The forward's operands as TMA maps (tma::planes_map), passed as a __grid_constant__ kernel
+// parameter: TMA reads a map where it lies, and the parameter space is where the launch puts it.
+struct ForwardMaps {
+  CUtensorMap q, k, v, pk, pv;
+};
+
+// The bytes one 64 x 64 box of a map lands, zeros included: what a tile's barrier expects.
+template <typename T>
+constexpr uint32_t kBoxBytes = 64 * 64 * sizeof(T);
+
 template <typename T, int BLK>
 struct Segments {
   static constexpr int kPerBlock = BLK / 64;
   const int* list;  // the query block's compacted key-block list, in shared memory
   int qb, prefix, seq, n_prefix, n;
-  const T *k, *v, *pk, *pv;
-  int64_t k_ss, v_ss, pk_ss, pv_ss;
 
-  __device__ Segments(const ForwardParams& p, const int* s_list, int n_list, int b, int h, int query_block)
+  __device__ Segments(const ForwardParams& p, const int* s_list, int n_list, int query_block)
       : list(s_list), qb(query_block), prefix(p.prefix), seq(p.seq), n_prefix((p.prefix + 63) / 64),
-        n(n_prefix + n_list * kPerBlock), k(p.k.plane<T>(b, h)), v(p.v.plane<T>(b, h)),
-        pk(p.pk.data ? p.pk.plane<T>(b, h) : nullptr), pv(p.pv.data ? p.pv.plane<T>(b, h) : nullptr),
-        k_ss(p.k.ss), v_ss(p.v.ss), pk_ss(p.pk.ss), pv_ss(p.pv.ss) {}
+        n(n_prefix + n_list * kPerBlock) {}
 
-  // Starts the copy of segment u's keys (or values) into rows [64 slot, 64 slot + 64) of a tile.
-  template <int D, int TILE_ROWS, int THREADS>
-  __device__ __forceinline__ void load(T* tile, int slot, int u, bool values) const {
-    const T* plane = values ? v : k;
-    int64_t stride = values ? v_ss : k_ss;
-    int row0 = 0, end = 0;  // an empty segment reads nothing and writes zeros
+  // Starts the copy of segment u's keys (or values) into rows [64 slot, 64 slot + 64) of a tile of
+  // TILE_ROWS rows, one 64-column box per panel, completing on `barrier`; one thread issues it. A
+  // segment past the end reads the box below the last row, which TMA fills with zeros.
+  template <int D, int TILE_ROWS>
+  __device__ __forceinline__ void load(T* tile, int slot, int u, const CUtensorMap* map, const CUtensorMap* prefix_map,
+                                       int b, int h, uint64_t* barrier) const {
+    int row0 = seq;
     if (u < n_prefix) {
-      plane = values ? pv : pk;
-      stride = values ? pv_ss : pk_ss;
+      map = prefix_map;
       row0 = u * 64;
-      end = prefix;
     } else if (u < n) {
       const int w = u - n_prefix;
       row0 = list[w / kPerBlock] * BLK + (w % kPerBlock) * 64;
-      end = seq;
     }
-    load_panel_rows<T, D, TILE_ROWS, 64, THREADS>(tile, 64 * slot, plane, stride, row0, end);
+#pragma unroll
+    for (int c = 0; c < D; c += 64) tma::load_box(tile + c * TILE_ROWS + slot * 64 * 64, map, c, row0, h, b, barrier);
   }
 
   // Segment u's first key and the last key each of a thread's two query rows may see. Returns
@@ -189,14 +197,16 @@ struct Segments {
 
 template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMinBlocks)
-    forward_kernel(ForwardParams p) {
+    forward_kernel(const ForwardParams p, const __grid_constant__ ForwardMaps maps) {
   using C = Config<D, BLK>;
-  constexpr int kKeys = C::kKeys, kSegments = C::kSegments, kThreads = C::kThreads;
+  constexpr int kKeys = C::kKeys, kSegments = C::kSegments;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   T* s_k = s_q + C::kQElements;         // two key tiles
   T* s_v = s_k + 2 * C::kTileElements;  // two value tiles
-  int* s_list = reinterpret_cast<int*>(s_v + 2 * C::kTileElements);
+  // Where each tile's TMA copies land: [0] Q, [1 + i] key tile i, [3 + i] value tile i.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + 2 * C::kTileElements);
+  int* s_list = reinterpret_cast<int*>(bars + C::kBarriers);
   int* s_count = s_list + p.n_q;
 
   // The last query blocks see the most keys; starting them first evens out the tail.
@@ -205,21 +215,38 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < C::kBarriers; ++i) tma::barrier_init(bars + i, 1);
+    tma::fence_barrier_init();
+  }
+  // Its closing barrier also publishes the initialised barriers.
   const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts + layout_row,
                                   p.capacity, 0, qb);
-  const Segments<T, BLK> segments(p, s_list, n_list, b, h, qb);
+  const Segments<T, BLK> segments(p, s_list, n_list, qb);
   const int n_tiles = (segments.n + kSegments - 1) / kSegments;
+  constexpr int kPanels = C::kWidth / 64;
+  constexpr uint32_t kTileBytes = kSegments * kPanels * kBoxBytes<T>;
+  // Thread 0 starts every copy: tile t's keys (or values) on barrier 1 + t % 2 (3 + t % 2), and
+  // the others wait for that barrier's phase t / 2 % 2, as each buffer takes every second tile.
   auto issue = [&](int t, bool values) {
     T* tile = (values ? s_v : s_k) + (t & 1) * C::kTileElements;
+    uint64_t* bar = bars + (values ? 3 : 1) + (t & 1);
+    tma::arrive_expecting(bar, kTileBytes);
 #pragma unroll
     for (int g = 0; g < kSegments; ++g)
-      segments.template load<D, kKeys, kThreads>(tile, g, t * kSegments + g, values);
+      segments.template load<D, kKeys>(tile, g, t * kSegments + g, values ? &maps.v : &maps.k,
+                                       values ? &maps.pv : &maps.pk, b, h, bar);
   };
+  auto wait_for = [&](int t, bool values) { tma::wait(bars + (values ? 3 : 1) + (t & 1), (t >> 1) & 1); };
 
   // Every buffer is filled at once: Q, the first two key tiles and the first two value tiles. A
   // block with one or two tiles (low densities) then waits for memory once, not three times.
-  if (n_tiles > 0) {
-    load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
+  if (n_tiles > 0 && threadIdx.x == 0) {
+    tma::arrive_expecting(bars, (BLK / 64) * kPanels * kBoxBytes<T>);
+#pragma unroll
+    for (int r = 0; r < BLK; r += 64)
+#pragma unroll
+      for (int c = 0; c < D; c += 64) tma::load_box(s_q + c * BLK + r * 64, &maps.q, c, qb * BLK + r, h, b, bars);
     issue(0, false);
     issue(0, true);
     if (n_tiles > 1) {
@@ -227,7 +254,6 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
       issue(1, true);
     }
   }
-  ptx::cp_async_commit();
 
   // This thread's accumulator rows (query positions) and first column within each 8-column group.
   const int i_lo = qb * BLK + group * 64 + warp * 16 + lane / 4, i_hi = i_lo + 8;
@@ -242,17 +268,18 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 #pragma unroll
   for (int i = 0; i < kKeys / 2; ++i) s[i] = 0.f;  // only so the first product reads defined values
 
-  // Waits for the loads issued one iteration earlier, publishes them to the tensor cores (the
-  // async proxy) and to the other warpgroup, then starts K_{t+1} and V_t into the buffers of K_{t-1}
-  // and V_{t-2}, which every warpgroup finished with before arriving here; the prologue took K_1,
-  // V_0 and V_1.
+  // Waits for the tiles this iteration's products read (Q with the first; K_t; V_{t-1}), then
+  // starts K_{t+1} and V_t into the buffers of K_{t-1} and V_{t-2}, which the barrier certifies
+  // every warpgroup has finished with; the prologue took K_1, V_0 and V_1.
   auto next_tile = [&](int t) {
-    ptx::cp_async_wait<0>();
-    wgmma::fence_proxy();
+    if (t == 0) tma::wait(bars, 0);
+    if (t < n_tiles) wait_for(t, false);
+    if (t >= 1) wait_for(t - 1, true);
     __syncthreads();
-    if (t >= 1 && t + 1 < n_tiles) issue(t + 1, false);
-    if (t >= 2 && t < n_tiles) issue(t, true);
-    ptx::cp_async_commit();
+    if (threadIdx.x == 0) {
+      if (t >= 1 && t + 1 < n_tiles) issue(t + 1, false);
+      if (t >= 2 && t < n_tiles) issue(t, true);
+    }
   };
   auto issue_scores = [&](int t) {
     const T* k_tile = s_k + (t & 1) * C::kTileElements;
@@ -417,8 +444,17 @@ void launch_forward_sm90(const AttentionForwardArgs& a) {
   auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
+  // Encoding a map is host work only (about a microsecond), so each launch takes fresh ones.
+  auto map = [](const TensorView& t, const char* name) {
+    if (!t.defined()) return CUtensorMap{};
+    return tma::planes_map<T>(t.ptr<const T>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1),
+                              t.stride(2), name);
+  };
+  const sm90::ForwardMaps maps{map(a.q, "q"), map(a.k, "k"), map(a.v, "v"),
+                               p.prefix > 0 ? map(a.prefix_k, "prefix_k") : CUtensorMap{},
+                               p.prefix > 0 ? map(a.prefix_v, "prefix_v") : CUtensorMap{}};
   const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
-  kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p);
+  kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p, maps);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
 }
 

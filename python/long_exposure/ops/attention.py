@@ -58,10 +58,12 @@ def _runs_reference(q, block, op):
 
 
 def _aligned(t):
-    """`t`, copied if needed so rows start on 16 bytes: the CUDA kernels load with 16-byte cp.async."""
+    """`t`, copied if needed so rows start on 16 bytes and no dimension is broadcast (stride 0): the
+    CUDA kernels load 16-byte pieces by cp.async and TMA, whose maps take no stride of 0."""
     if t is None or not t.is_cuda:
         return _last_dim_contiguous(t)
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]):
+    strides_ok = all(st % 8 == 0 and (st != 0 or n == 1) for st, n in zip(t.stride()[:-1], t.shape[:-1]))
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and strides_ok:
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
