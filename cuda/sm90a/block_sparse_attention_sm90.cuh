@@ -10,9 +10,12 @@
 // (128 threads) per 64 query rows, so a 128-row layout block has two, which share every key and
 // value tile. Keys arrive in 64-key segments: the prefix's first, then BLK / 64 per listed key
 // block. A tile is kSegments segments (128 keys for 128-row blocks, 64 for 64-row ones: Config),
-// gathered row by row by cp.async, so segments from different places (the prefix's last and a
-// block's first half) still make one 128-wide product; a segment past the end is zero-filled and
-// masked out entirely.
+// each segment one TMA box per 64-column panel (a key block's rows are contiguous in its plane), so
+// segments from different places (the prefix's last and a block's first half) still make one
+// 128-wide product; a segment past the end is zero-filled and masked out entirely. TMA rather
+// than cp.async: one thread starts a tile, and the 128 threads' address work per 16-byte piece
+// leaves the tile loop (613 SASS instructions a tile down to 473 at head dim 64; forward 17%
+// faster at OPT-1.3B, bench/RESULTS.md session 26).
 //
 // Per tile t, every warpgroup:
 //   issue S_t = Q K_t^T        wgmma, both operands in shared memory (K-major), fp32 in registers;
@@ -26,9 +29,10 @@
 // The two warpgroups of a 128-row block also interleave on the tensor cores by themselves.
 //
 // Shared memory: Q (BLK x D), two key tiles and two value tiles, all in 128-byte-swizzled 64-column
-// panels (wgmma::Panels). At the top of iteration t one barrier publishes K_t and V_{t-1} (issued
-// one iteration earlier) and certifies that every warpgroup has finished S_{t-1} and
-// P_{t-2} V_{t-2}, whose buffers the loads of K_{t+1} and V_t then reuse.
+// panels (wgmma::Panels), each with its TMA barrier. At the top of iteration t every thread waits
+// for K_t's and V_{t-1}'s barriers (their copies started one iteration earlier); then one block-wide
+// barrier certifies that every warpgroup has finished S_{t-1} and P_{t-2} V_{t-2}, whose buffers
+// the copies of K_{t+1} and V_t then reuse.
 //
 // Softmax in base 2 on scores times scale * log2(e), as in the mma.sync kernel; the saved
 // logsumexp is (m + log2 l) * ln 2, the natural log of the sum of exp(scale * q.k).
