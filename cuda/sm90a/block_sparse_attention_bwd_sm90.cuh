@@ -31,6 +31,12 @@
 // buffers would cost an SM one of its thread blocks). Before its first tile it also takes delta =
 // rowsum(dO * O) for its rows, from the dO block it holds anyway, and writes it for dK/dV.
 //
+// Both passes take their tiles as the forward does: one thread starts a tile's TMA boxes on the
+// barrier of the stage it fills, every thread waits for that barrier's phase, and a block-wide
+// barrier then certifies that the stage the next copy reuses is retired. The registers that
+// cp.async's per-thread addresses held went to the products: dK/dV at head dim 64 and 64-key
+// blocks fits 168 registers, and so three thread blocks per SM, where it needed 210.
+//
 // Every exit of the products' registers from the tensor cores is marked by fence_registers
 // right after the wait that retires them, so the compiler keeps those registers, fragments
 // included, untouched while a product may still read or write them.
@@ -76,7 +82,7 @@ struct DkvConfig {
   template <typename T>
   static size_t smem_bytes(int n_q) {
     return 1024 + static_cast<size_t>(2 * kKvElements + 2 * kStages * kTileElements) * sizeof(T) +
-           2 * kStages * kBq * sizeof(float) + (n_q + 4) * sizeof(int);
+           (1 + kStages) * sizeof(uint64_t) + 2 * kStages * kBq * sizeof(float) + (n_q + 4) * sizeof(int);
   }
 };
 
@@ -96,8 +102,15 @@ struct DqConfig {
   template <typename T>
   static size_t smem_bytes(int n_q) {
     return 1024 + static_cast<size_t>(2 * kQElements + 2 * kStages * kTileElements) * sizeof(T) +
-           (n_q + 4) * sizeof(int);
+           (1 + kStages) * sizeof(uint64_t) + (n_q + 4) * sizeof(int);
   }
+};
+
+// The backward's operands as TMA maps (tma::planes_map), a __grid_constant__ kernel parameter as
+// the forward's. Q's and dO's boxes have the rows of the pass's query tiles (dK/dV's kBq); O is
+// the dQ pass's alone.
+struct BackwardMaps {
+  CUtensorMap q, dout, out, k, v, pk, pv;
 };
 
 // Programmatic dependent launch (on unless LONG_EXPOSURE_ATTENTION_PDL=0; 0.5-1.5% off fwd+bwd in
@@ -140,7 +153,7 @@ __device__ __forceinline__ void row_deltas(const T* s_do, int do_row, const T* s
 
 template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>::kMinBlocks)
-    dkv_kernel(BackwardParams p) {
+    dkv_kernel(const BackwardParams p, const __grid_constant__ BackwardMaps maps) {
   using C = DkvConfig<D, BLK>;
   constexpr int kBq = C::kBq, kPerBlock = C::kPerBlock, kThreads = C::kThreads, kStages = C::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -148,7 +161,9 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   T* s_v = s_k + C::kKvElements;
   T* s_q = s_v + C::kKvElements;                // kStages query tiles
   T* s_do = s_q + kStages * C::kTileElements;   // kStages output-gradient tiles
-  float* s_lse = reinterpret_cast<float*>(s_do + kStages * C::kTileElements);
+  // TMA barriers: [0] K and V, [1 + i] stage i's query and output-gradient tiles.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(s_do + kStages * C::kTileElements);
+  float* s_lse = reinterpret_cast<float*>(bars + 1 + kStages);
   float* s_delta = s_lse + kStages * kBq;
   int* s_list = reinterpret_cast<int*>(s_delta + kStages * kBq);
   int* s_count = s_list + p.n_q;
@@ -157,19 +172,26 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   if (item.rank >= key_block_ranks<BLK>(p)) return;
   const int h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 1 + kStages; ++i) tma::barrier_init(bars + i, 1);
+    tma::fence_barrier_init();
+  }
+  // Its closing barrier also publishes the initialised barriers.
   const KeyBlockQueries work = key_block_queries<BLK, kThreads>(p, item.rank, b, h, s_list, s_count);
   const bool is_prefix = work.is_prefix;
   const int kb = work.kb, n_list = work.n_list;
   const int n_tiles = n_list * kPerBlock;
 
-  const T* q = p.q.plane<T>(b, h);
-  const T* dout = p.dout.plane<T>(b, h);
   const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
   auto tile_q0 = [&](int t) { return s_list[t / kPerBlock] * BLK + (t % kPerBlock) * kBq; };
+  // Thread 0 starts every copy; tile t lands on stage t % kStages's barrier, whose phase
+  // t / kStages % 2 the others wait for.
   auto issue = [&](int t) {
     const int buf = t % kStages, q0 = tile_q0(t);
-    load_panel_rows<T, D, kBq, kBq, kThreads>(s_q + buf * C::kTileElements, 0, q, p.q.ss, q0, p.seq);
-    load_panel_rows<T, D, kBq, kBq, kThreads>(s_do + buf * C::kTileElements, 0, dout, p.dout.ss, q0, p.seq);
+    uint64_t* bar = bars + 1 + buf;
+    tma::arrive_expecting(bar, 2 * sm90::kRowsBytes<T, D, kBq>);
+    load_rows_by_tma<D, kBq, kBq, kBq>(s_q + buf * C::kTileElements, 0, &maps.q, q0, b, h, bar);
+    load_rows_by_tma<D, kBq, kBq, kBq>(s_do + buf * C::kTileElements, 0, &maps.dout, q0, b, h, bar);
   };
   // Thread r < kBq carries row r's lse and delta; they travel through registers, read from global
   // memory right after a barrier and stored to shared memory just before the next, so that their
@@ -188,11 +210,10 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   // densities) then waits for memory once.
   constexpr int kFirstInLoop = kStages == 3 ? 2 : 1;
   const int key_limit = is_prefix ? p.prefix : p.seq;
-  if (n_tiles > 0) {
-    load_panel_rows<T, D, BLK, BLK, kThreads>(s_k, 0, is_prefix ? p.pk.plane<T>(b, h) : p.k.plane<T>(b, h),
-                                              is_prefix ? p.pk.ss : p.k.ss, kb * BLK, key_limit);
-    load_panel_rows<T, D, BLK, BLK, kThreads>(s_v, 0, is_prefix ? p.pv.plane<T>(b, h) : p.v.plane<T>(b, h),
-                                              is_prefix ? p.pv.ss : p.v.ss, kb * BLK, key_limit);
+  if (n_tiles > 0 && threadIdx.x == 0) {
+    tma::arrive_expecting(bars, 2 * sm90::kRowsBytes<T, D, BLK>);
+    load_rows_by_tma<D, BLK, BLK>(s_k, 0, is_prefix ? &maps.pk : &maps.k, kb * BLK, b, h, bars);
+    load_rows_by_tma<D, BLK, BLK>(s_v, 0, is_prefix ? &maps.pv : &maps.v, kb * BLK, b, h, bars);
     for (int t = 0; t < kFirstInLoop && t < n_tiles; ++t) issue(t);
   }
   // Every thread block waits, including one with nothing to do: the grid's completion then implies
@@ -205,7 +226,6 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
       stage_rows(0, lse, delta);
     }
   }
-  ptx::cp_async_commit();
 
   // This thread's accumulator rows (keys) and first column (query) within each 8-column group.
   const int j_lo = kb * BLK + group * 64 + warp * 16 + lane / 4, j_hi = j_lo + 8;
@@ -229,11 +249,10 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   // S^T and dP^T; the first wait there retires them. Every warpgroup has thus finished tile t - 2
   // before the barrier of iteration t, behind which tile t + 1 loads into tile t - 2's buffers.
   for (int t = 0; t < n_tiles; ++t) {
-    ptx::cp_async_wait<0>();
-    wgmma::fence_proxy();
-    __syncthreads();
-    if (t + 1 >= kFirstInLoop && t + 1 < n_tiles) issue(t + 1);
-    ptx::cp_async_commit();
+    if (t == 0) tma::wait(bars, 0);
+    tma::wait(bars + 1 + t % kStages, (t / kStages) & 1);
+    __syncthreads();  // also publishes the tile's lse and delta rows
+    if (threadIdx.x == 0 && t + 1 >= kFirstInLoop && t + 1 < n_tiles) issue(t + 1);
     const bool carry = t + 1 < n_tiles && threadIdx.x < kBq;
     float next_lse = 0.f, next_delta = 0.f;
     if (carry) fetch_rows(t + 1, next_lse, next_delta);
@@ -328,7 +347,6 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
   wgmma::fence_registers(dv);
   wgmma::fence_registers(pf);
   wgmma::fence_registers(dsf);
-  ptx::cp_async_wait<0>();
 
   const Output out_k = is_prefix ? p.dpk : p.dk;
   const Output out_v = is_prefix ? p.dpv : p.dv;
@@ -341,15 +359,17 @@ __global__ void __launch_bounds__(DkvConfig<D, BLK>::kThreads, DkvConfig<D, BLK>
 
 template <typename T, int D, int BLK>
 __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::kMinBlocks)
-    dq_kernel(BackwardParams p) {
+    dq_kernel(const BackwardParams p, const __grid_constant__ BackwardMaps maps) {
   using C = DqConfig<D, BLK>;
-  constexpr int kKeys = C::kKeys, kPerBlock = C::kPerBlock, kThreads = C::kThreads, kStages = C::kStages;
+  constexpr int kKeys = C::kKeys, kPerBlock = C::kPerBlock, kStages = C::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* s_q = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   T* s_do = s_q + C::kQElements;
   T* s_k = s_do + C::kQElements;              // kStages key tiles
   T* s_v = s_k + kStages * C::kTileElements;  // kStages value tiles
-  int* s_list = reinterpret_cast<int*>(s_v + kStages * C::kTileElements);
+  // TMA barriers: [0] dO, O and Q, [1 + i] stage i's key and value tiles.
+  uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + kStages * C::kTileElements);
+  int* s_list = reinterpret_cast<int*>(bars + 1 + kStages);
   int* s_count = s_list + p.n_q;
 
   allow_dependent_launch();
@@ -359,44 +379,46 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   const int qb = p.n_q - 1 - item.rank, h = item.h, b = item.b;
   const int group = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t layout_row = ((p.shared_layout ? 0 : b) * static_cast<int64_t>(p.heads) + h) * p.n_q + qb;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 1 + kStages; ++i) tma::barrier_init(bars + i, 1);
+    tma::fence_barrier_init();
+  }
+  // Its closing barrier also publishes the initialised barriers.
   const int n_list = compact_list(s_list, s_count, p.indices + layout_row * p.capacity, p.counts + layout_row,
                                   p.capacity, 0, qb);
   const int n_prefix = (p.prefix + kKeys - 1) / kKeys;
   const int n_tiles = n_prefix + n_list * kPerBlock;
 
-  const T* k = p.k.plane<T>(b, h);
-  const T* v = p.v.plane<T>(b, h);
-  const T* pk = p.pk.data ? p.pk.plane<T>(b, h) : nullptr;
-  const T* pv = p.pv.data ? p.pv.plane<T>(b, h) : nullptr;
+  // Thread 0 starts every copy; tile t's keys and values land on stage t % kStages's barrier, whose
+  // phase t / kStages % 2 the others wait for.
   auto issue = [&](int t) {
-    T* tk = s_k + (t % kStages) * C::kTileElements;
-    T* tv = s_v + (t % kStages) * C::kTileElements;
-    if (t < n_prefix) {
-      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tk, 0, pk, p.pk.ss, t * kKeys, p.prefix);
-      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tv, 0, pv, p.pv.ss, t * kKeys, p.prefix);
-    } else {
-      const int w = t - n_prefix, key0 = s_list[w / kPerBlock] * BLK + (w % kPerBlock) * kKeys;
-      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tk, 0, k, p.k.ss, key0, p.seq);
-      load_panel_rows<T, D, kKeys, kKeys, kThreads>(tv, 0, v, p.v.ss, key0, p.seq);
-    }
+    const int buf = t % kStages;
+    uint64_t* bar = bars + 1 + buf;
+    const bool prefix = t < n_prefix;
+    const int w = t - n_prefix;
+    const int key0 = prefix ? t * kKeys : s_list[w / kPerBlock] * BLK + (w % kPerBlock) * kKeys;
+    tma::arrive_expecting(bar, 2 * sm90::kRowsBytes<T, D, kKeys>);
+    load_rows_by_tma<D, kKeys, kKeys>(s_k + buf * C::kTileElements, 0, prefix ? &maps.pk : &maps.k, key0, b, h, bar);
+    load_rows_by_tma<D, kKeys, kKeys>(s_v + buf * C::kTileElements, 0, prefix ? &maps.pv : &maps.v, key0, b, h, bar);
   };
 
   // dO and O are loaded even for a block with no keys to visit: its rows' delta is written all the
   // same. Each warpgroup's 64 rows of O go to the last stage's key or value tile, which no tile
   // takes before the loop's first barrier.
   auto o_rows = [&](int g) { return (g == 0 ? s_k : s_v) + (kStages - 1) * C::kTileElements; };
-  load_panel_rows<T, D, BLK, BLK, kThreads>(s_do, 0, p.dout.plane<T>(b, h), p.dout.ss, qb * BLK, p.seq);
-#pragma unroll
-  for (int g = 0; g < C::kGroups; ++g)
-    load_panel_rows<T, D, 64, 64, kThreads>(o_rows(g), 0, p.out.plane<T>(b, h), p.out.ss, qb * BLK + 64 * g, p.seq);
   // With three stages tile 1 starts here too, into the one stage O leaves free: a block of one or
   // two tiles (low densities) then waits for memory once.
   constexpr int kFirstInLoop = kStages == 3 ? 2 : 1;
-  if (n_tiles > 0) {
-    load_panel_rows<T, D, BLK, BLK, kThreads>(s_q, 0, p.q.plane<T>(b, h), p.q.ss, qb * BLK, p.seq);
-    for (int t = 0; t < kFirstInLoop && t < n_tiles; ++t) issue(t);
+  if (threadIdx.x == 0) {
+    tma::arrive_expecting(bars, (n_tiles > 0 ? 3 : 2) * sm90::kRowsBytes<T, D, BLK>);
+    load_rows_by_tma<D, BLK, BLK>(s_do, 0, &maps.dout, qb * BLK, b, h, bars);
+#pragma unroll
+    for (int g = 0; g < C::kGroups; ++g) load_rows_by_tma<D, 64, 64>(o_rows(g), 0, &maps.out, qb * BLK + 64 * g, b, h, bars);
+    if (n_tiles > 0) {
+      load_rows_by_tma<D, BLK, BLK>(s_q, 0, &maps.q, qb * BLK, b, h, bars);
+      for (int t = 0; t < kFirstInLoop && t < n_tiles; ++t) issue(t);
+    }
   }
-  ptx::cp_async_commit();
 
   // This thread's accumulator rows (queries) and first column (key) within each 8-column group.
   const int warp_row = group * 64 + warp * 16;
@@ -405,10 +427,8 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   const int64_t bh = (static_cast<int64_t>(b) * p.heads + h) * p.seq;
   const float lse_lo = backward_lse(p.lse + bh, i_lo, p.seq);
   const float lse_hi = backward_lse(p.lse + bh, i_hi, p.seq);
-  // dO (and tile 0) must have landed before delta, which the first dS needs anyway.
-  ptx::cp_async_wait<0>();
-  wgmma::fence_proxy();
-  __syncthreads();
+  // dO and O must have landed before delta, which the first dS needs anyway.
+  tma::wait(bars, 0);
   float delta_lo, delta_hi;
   row_deltas<T, D, BLK, 64>(s_do, warp_row + lane / 4, o_rows(group), warp * 16 + lane / 4, delta_lo, delta_hi);
   if (lane % 4 == 0) {
@@ -428,11 +448,14 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   for (int i = 0; i < kKeys / 16; ++i) dsf[i][0] = dsf[i][1] = dsf[i][2] = dsf[i][3] = 0u;
 
   for (int t = 0; t < n_tiles; ++t) {
-    ptx::cp_async_wait<0>();
-    wgmma::fence_proxy();
+    tma::wait(bars + 1 + t % kStages, (t / kStages) & 1);
     __syncthreads();
-    if (t + 1 >= kFirstInLoop && t + 1 < n_tiles) issue(t + 1);
-    ptx::cp_async_commit();
+    if (threadIdx.x == 0 && t + 1 >= kFirstInLoop && t + 1 < n_tiles) {
+      // The last stage held O, which the threads read as plain loads before this barrier; TMA
+      // writes through the async proxy.
+      if ((t + 1) % kStages == kStages - 1) wgmma::fence_proxy();
+      issue(t + 1);
+    }
     const T* tk = s_k + (t % kStages) * C::kTileElements;
     const T* tv = s_v + (t % kStages) * C::kTileElements;
 
@@ -509,7 +532,6 @@ __global__ void __launch_bounds__(DqConfig<D, BLK>::kThreads, DqConfig<D, BLK>::
   wgmma::wait_all();
   wgmma::fence_registers(dq);
   wgmma::fence_registers(dsf);
-  ptx::cp_async_wait<0>();
 
   store_warp_rows<T, D, BLK>(dq, p.scale, p.scale, s_q, warp_row, p.dq.plane<T>(b, h), p.dq.ss, qb * BLK + warp_row, p.seq);
 }
@@ -520,6 +542,17 @@ template <typename T, int D, int BLK>
 void launch_backward_sm90(const AttentionBackwardArgs& a) {
   BackwardParams p = backward_params(a);
   cudaStream_t stream = stream_of(a.q.stream);
+  // Q and dO in boxes of a pass's query tile; O for dQ only.
+  auto maps = [&](int query_rows, bool with_out) {
+    const bool prefix = p.prefix > 0;
+    return sm90::BackwardMaps{operand_map<T>(a.q, "q", query_rows),
+                              operand_map<T>(a.dout, "dout", query_rows),
+                              with_out ? operand_map<T>(a.out, "out") : CUtensorMap{},
+                              operand_map<T>(a.k, "k"),
+                              operand_map<T>(a.v, "v"),
+                              prefix ? operand_map<T>(a.prefix_k, "prefix_k") : CUtensorMap{},
+                              prefix ? operand_map<T>(a.prefix_v, "prefix_v") : CUtensorMap{}};
+  };
 
   // dQ first: it computes delta for the dK/dV pass, which reads it for every query tile it visits.
   {
@@ -529,7 +562,7 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "attention dQ (wgmma) shared memory");
     const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
-    kernel<<<grid, C::kThreads, smem, stream>>>(p);
+    kernel<<<grid, C::kThreads, smem, stream>>>(p, maps(64, true));
     check_cuda(cudaGetLastError(), "attention dQ (wgmma) kernel launch");
   }
   {
@@ -548,7 +581,7 @@ void launch_backward_sm90(const AttentionBackwardArgs& a) {
     attribute.val.programmaticStreamSerializationAllowed = 1;
     config.attrs = &attribute;
     config.numAttrs = kernel_variable_is("LONG_EXPOSURE_ATTENTION_PDL", "0") ? 0 : 1;
-    check_cuda(cudaLaunchKernelEx(&config, kernel, p), "attention dK/dV (wgmma) kernel launch");
+    check_cuda(cudaLaunchKernelEx(&config, kernel, p, maps(C::kBq, false)), "attention dK/dV (wgmma) kernel launch");
   }
 }
 

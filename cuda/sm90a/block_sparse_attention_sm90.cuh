@@ -87,27 +87,6 @@ struct Config {
   }
 };
 
-// Copies rows [row0, row0 + ROWS) of a plane into rows [dst_row, dst_row + ROWS) of a panelled
-// shared tile of TILE_ROWS rows; rows at or past `end` become zeros (the source clamped to the
-// plane's start, a valid address), so no product needs a guard against garbage.
-template <typename T, int D, int TILE_ROWS, int ROWS, int THREADS>
-__device__ __forceinline__ void load_panel_rows(T* tile, int dst_row, const T* plane, int64_t stride, int row0,
-                                                int end) {
-  constexpr int kPieces = D / 8, kTotal = ROWS * kPieces;
-#pragma unroll
-  for (int j = 0; j < (kTotal + THREADS - 1) / THREADS; ++j) {
-    const int c = static_cast<int>(threadIdx.x) + j * THREADS;
-    // Only head dim 80 leaves a last round that not every thread takes part in.
-    if (kTotal % THREADS != 0 && c >= kTotal) break;
-    const int r = c / kPieces, col = (c % kPieces) * 8;
-    const bool valid = row0 + r < end;
-    const T* src = plane + (valid ? static_cast<int64_t>(row0 + r) * stride + col : 0);
-    ptx::cp_async_16(tile + wgmma::Panels<TILE_ROWS>::offset(dst_row + r, col), src, valid);
-  }
-}
-
-// The keys a query block visits, as 64-key segments: the prefix's, then BLK / 64 segments of each
-// listed key block in list order; segment numbers at or past n are empty.
 // Writes this warp's 16 rows of a warpgroup's 64 x D accumulator to rows [row0, row0 + 16) of a
 // plane, rows lane / 4 times factor_lo and rows lane / 4 + 8 times factor_hi, rows at or past
 // `limit` left alone. They pass through the warp's own rows (from warp_row) of a panelled shared
@@ -142,10 +121,24 @@ struct ForwardMaps {
   CUtensorMap q, k, v, pk, pv;
 };
 
-// The bytes one 64 x 64 box of a map lands, zeros included: what a tile's barrier expects.
-template <typename T>
-constexpr uint32_t kBoxBytes = 64 * 64 * sizeof(T);
+// Starts the TMA copy of rows [row0, row0 + ROWS) of plane (b, h) of `map`, whose boxes are
+// BOX_ROWS x 64, into rows [dst_row, dst_row + ROWS) of a panelled shared tile of TILE_ROWS rows,
+// completing on `barrier`; one thread issues it. Rows outside the plane arrive as zeros.
+template <int D, int TILE_ROWS, int ROWS, int BOX_ROWS = 64, typename T>
+__device__ __forceinline__ void load_rows_by_tma(T* tile, int dst_row, const CUtensorMap* map, int row0, int b, int h,
+                                                 uint64_t* barrier) {
+#pragma unroll
+  for (int r = 0; r < ROWS; r += BOX_ROWS)
+#pragma unroll
+    for (int c = 0; c < D; c += 64)
+      tma::load_box(tile + c * TILE_ROWS + (dst_row + r) * 64, map, c, row0 + r, h, b, barrier);
+}
+// The bytes such a copy lands, zeros included: what its barrier expects.
+template <typename T, int D, int ROWS>
+constexpr uint32_t kRowsBytes = ROWS * panel_width<D>() * sizeof(T);
 
+// The keys a query block visits, as 64-key segments: the prefix's, then BLK / 64 segments of each
+// listed key block in list order; segment numbers at or past n are empty.
 template <typename T, int BLK>
 struct Segments {
   static constexpr int kPerBlock = BLK / 64;
@@ -170,8 +163,7 @@ struct Segments {
       const int w = u - n_prefix;
       row0 = list[w / kPerBlock] * BLK + (w % kPerBlock) * 64;
     }
-#pragma unroll
-    for (int c = 0; c < D; c += 64) tma::load_box(tile + c * TILE_ROWS + slot * 64 * 64, map, c, row0, h, b, barrier);
+    load_rows_by_tma<D, TILE_ROWS, 64>(tile, 64 * slot, map, row0, b, h, barrier);
   }
 
   // Segment u's first key and the last key each of a thread's two query rows may see. Returns
@@ -228,8 +220,7 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
                                   p.capacity, 0, qb);
   const Segments<T, BLK> segments(p, s_list, n_list, qb);
   const int n_tiles = (segments.n + kSegments - 1) / kSegments;
-  constexpr int kPanels = C::kWidth / 64;
-  constexpr uint32_t kTileBytes = kSegments * kPanels * kBoxBytes<T>;
+  constexpr uint32_t kTileBytes = kRowsBytes<T, D, kKeys>;
   // Thread 0 starts every copy: tile t's keys (or values) on barrier 1 + t % 2 (3 + t % 2), and
   // the others wait for that barrier's phase t / 2 % 2, as each buffer takes every second tile.
   auto issue = [&](int t, bool values) {
@@ -246,11 +237,8 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
   // Every buffer is filled at once: Q, the first two key tiles and the first two value tiles. A
   // block with one or two tiles (low densities) then waits for memory once, not three times.
   if (n_tiles > 0 && threadIdx.x == 0) {
-    tma::arrive_expecting(bars, (BLK / 64) * kPanels * kBoxBytes<T>);
-#pragma unroll
-    for (int r = 0; r < BLK; r += 64)
-#pragma unroll
-      for (int c = 0; c < D; c += 64) tma::load_box(s_q + c * BLK + r * 64, &maps.q, c, qb * BLK + r, h, b, bars);
+    tma::arrive_expecting(bars, kRowsBytes<T, D, BLK>);
+    load_rows_by_tma<D, BLK, BLK>(s_q, 0, &maps.q, qb * BLK, b, h, bars);
     issue(0, false);
     issue(0, true);
     if (n_tiles > 1) {
@@ -439,6 +427,16 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 
 }  // namespace sm90
 
+// The TMA map of a [batch, heads, rows, D] operand, in boxes of box_rows x 64 (blank where the
+// operand is absent). Encoding a map is host work only (about a microsecond), so each launch takes
+// fresh ones.
+template <typename T>
+CUtensorMap operand_map(const TensorView& t, const char* name, int box_rows = 64) {
+  if (!t.defined()) return CUtensorMap{};
+  return tma::planes_map<T>(t.ptr<const T>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1),
+                            t.stride(2), name, box_rows);
+}
+
 template <typename T, int D, int BLK>
 void launch_forward_sm90(const AttentionForwardArgs& a) {
   using C = sm90::Config<D, BLK>;
@@ -448,15 +446,9 @@ void launch_forward_sm90(const AttentionForwardArgs& a) {
   auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
-  // Encoding a map is host work only (about a microsecond), so each launch takes fresh ones.
-  auto map = [](const TensorView& t, const char* name) {
-    if (!t.defined()) return CUtensorMap{};
-    return tma::planes_map<T>(t.ptr<const T>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1),
-                              t.stride(2), name);
-  };
-  const sm90::ForwardMaps maps{map(a.q, "q"), map(a.k, "k"), map(a.v, "v"),
-                               p.prefix > 0 ? map(a.prefix_k, "prefix_k") : CUtensorMap{},
-                               p.prefix > 0 ? map(a.prefix_v, "prefix_v") : CUtensorMap{}};
+  const sm90::ForwardMaps maps{operand_map<T>(a.q, "q"), operand_map<T>(a.k, "k"), operand_map<T>(a.v, "v"),
+                               p.prefix > 0 ? operand_map<T>(a.prefix_k, "prefix_k") : CUtensorMap{},
+                               p.prefix > 0 ? operand_map<T>(a.prefix_v, "prefix_v") : CUtensorMap{}};
   const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
   kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p, maps);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
