@@ -70,9 +70,11 @@ struct DkvConfig {
   static constexpr int kGroups = BLK / 64, kThreads = 128 * kGroups;
   static constexpr int kBq = D == 128 ? 32 : 64;  // queries per tile
   static constexpr int kPerBlock = BLK / kBq;
-  // Three 64-key blocks per SM would cap registers at 168, which spills dK, dV, P, dP and both
-  // fragment sets; two leave room for all.
-  static constexpr int kMinBlocks = BLK == 64 ? 2 : 1;
+  // Three 64-key blocks per SM cap registers at 168. At head dim 64 that fits without spills since
+  // the tiles arrive by TMA (210 registers with cp.async's addresses), and the third block took
+  // the kernel from 0.460 to 0.407 ms at OPT-1.3B, density 1, and 0.126 to 0.109 at 0.18
+  // (bench/RESULTS.md session 26). Wider heads need more than 168 for dK and dV.
+  static constexpr int kMinBlocks = BLK == 64 ? (D == 64 ? 3 : 2) : 1;
   // Three query-tile buffers: tile t + 1 loads while tile t computes and tile t - 1's last
   // products may still read theirs. Two also work, each tile's products then waited for within
   // its own iteration; head dim 80 with 64-key blocks takes two, as three (128 KiB, its 64-query
