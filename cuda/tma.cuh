@@ -144,15 +144,16 @@ CUtensorMap matrix_map(const T* base, int64_t rows, int64_t cols, int box_rows, 
 }
 
 // The map of a [batch, heads, rows, cols] operand at `base` with element strides sb, sh and ss
-// (the last dimension contiguous), read in boxes of box_rows rows x 64 columns of one (batch, head)
-// plane, swizzled as matrix_map's. The strides may come in any order (heads inside rows, as a
+// (the last dimension contiguous), read in boxes of box_rows rows x box_cols columns of one (batch,
+// head) plane: 64 columns swizzled as matrix_map's, or 16 (32-byte rows) under the 32-byte swizzle. The strides may come in any order (heads inside rows, as a
 // transposed [batch, rows, heads, cols] tensor has them); they are whole 16-byte pieces, as the
 // attention launchers require. Rows and columns outside the plane read as zeros, so a box at row
 // `rows` fills its tile with zeros. An empty operand gets a blank map, which no kernel reads.
 template <typename T>
 CUtensorMap planes_map(const T* base, int64_t batch, int64_t heads, int64_t rows, int64_t cols, int64_t sb,
-                       int64_t sh, int64_t ss, const char* name, int box_rows = 64) {
+                       int64_t sh, int64_t ss, const char* name, int box_rows = 64, int box_cols = 64) {
   CUtensorMap map{};
+  require(box_cols * sizeof(T) == 128 || box_cols * sizeof(T) == 32, "planes_map takes boxes of 128- or 32-byte rows");
   if (base == nullptr || batch <= 0 || heads <= 0 || rows <= 0 || cols <= 0) return map;
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
@@ -161,11 +162,12 @@ CUtensorMap planes_map(const T* base, int64_t batch, int64_t heads, int64_t rows
     return static_cast<cuuint64_t>(extent == 1 ? 16 : elements * static_cast<int64_t>(sizeof(T)));
   };
   const cuuint64_t strides[3] = {stride(ss, rows), stride(sh, heads), stride(sb, batch)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const CUtensorMapSwizzle swizzle = box_cols * sizeof(T) == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_32B;
   const cuuint32_t steps[4] = {1, 1, 1, 1};
   const CUresult status =
       encoder()(&map, data_type<T>(), 4, const_cast<T*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   require(status == CUDA_SUCCESS, std::string("cuTensorMapEncodeTiled failed for ") + name + " [" +
                                       std::to_string(batch) + ", " + std::to_string(heads) + ", " +
                                       std::to_string(rows) + ", " + std::to_string(cols) + "] (CUresult " +

@@ -26,6 +26,19 @@
 namespace long_exposure {
 namespace wgmma {
 
+// The descriptor of a tile of 32-byte rows under the 32-byte swizzle (layout type 3), 8-row
+// atoms of 256 bytes; `descriptor` (wgmma_gemm.cuh) names the 128-byte one.
+__device__ __forceinline__ uint64_t descriptor_32b(const void* p, uint32_t leading_bytes, uint32_t stride_bytes) {
+  return (descriptor(p, leading_bytes, stride_bytes) & ~(3ull << 62)) | (3ull << 62);
+}
+
+// Element (row, col) of the narrow panel that holds columns 64 .. 79 of head dim 80: 32-byte rows,
+// whose two 16-byte halves swap in rows 4 .. 7 of every 8 (the 32-byte swizzle, as TMA writes it
+// and layout type 3 reads it).
+__device__ __forceinline__ int narrow_offset(int row, int col) {
+  return row * 16 + ((((col >> 3) & 1) ^ ((row >> 2) & 1)) << 3) + (col & 7);
+}
+
 // R rows x (64 x panels) columns. K-major operands (Q, K) put K along the columns; V, read
 // MN-major, puts keys along the rows and the head dim along the columns, so one layout serves all.
 template <int R>
@@ -50,7 +63,11 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
     asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
 }
 
-// The accumulator operands of a 64 x 32, 64 x 64, 64 x 80 and 64 x 128 product, spelled out once.
+// The accumulator operands of a 64 x 16, 64 x 32, 64 x 64, 64 x 80 and 64 x 128 product, spelled
+// out once.
+#define LONG_EXPOSURE_ATTN_REGS8 "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define LONG_EXPOSURE_ATTN_OPERANDS8(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
 #define LONG_EXPOSURE_ATTN_REGS16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
 #define LONG_EXPOSURE_ATTN_OPERANDS16(d) \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
@@ -131,6 +148,9 @@ LONG_EXPOSURE_ATTN_RS(__half, "f16", 80, LONG_EXPOSURE_ATTN_REGS40, LONG_EXPOSUR
 LONG_EXPOSURE_ATTN_RS(__nv_bfloat16, "bf16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66, 67, 68, 69)
 LONG_EXPOSURE_ATTN_RS(__half, "f16", 64, LONG_EXPOSURE_ATTN_REGS32, LONG_EXPOSURE_ATTN_OPERANDS32, 32, 33, 34, 35, 36, 37)
 LONG_EXPOSURE_ATTN_RS(__half, "f16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSURE_ATTN_OPERANDS64, 64, 65, 66, 67, 68, 69)
+// N = 16: the forward's head-dim-80 output, columns 64 .. 79, whose values sit in a narrow panel.
+LONG_EXPOSURE_ATTN_RS(__nv_bfloat16, "bf16", 16, LONG_EXPOSURE_ATTN_REGS8, LONG_EXPOSURE_ATTN_OPERANDS8, 8, 9, 10, 11, 12, 13)
+LONG_EXPOSURE_ATTN_RS(__half, "f16", 16, LONG_EXPOSURE_ATTN_REGS8, LONG_EXPOSURE_ATTN_OPERANDS8, 8, 9, 10, 11, 12, 13)
 #undef LONG_EXPOSURE_ATTN_SS
 #undef LONG_EXPOSURE_ATTN_RS
 #undef LONG_EXPOSURE_ATTN_OPERANDS64
@@ -141,6 +161,8 @@ LONG_EXPOSURE_ATTN_RS(__half, "f16", 128, LONG_EXPOSURE_ATTN_REGS64, LONG_EXPOSU
 #undef LONG_EXPOSURE_ATTN_OPERANDS16
 #undef LONG_EXPOSURE_ATTN_REGS32
 #undef LONG_EXPOSURE_ATTN_REGS16
+#undef LONG_EXPOSURE_ATTN_OPERANDS8
+#undef LONG_EXPOSURE_ATTN_REGS8
 
 // The accumulator of a 64 x N product, rounded to T, as the A fragments of the N / 16 k-steps of
 // the next product: k-step k takes accumulator column groups 2 k (its registers 0, 1 for the

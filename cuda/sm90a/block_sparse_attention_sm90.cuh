@@ -63,20 +63,34 @@ constexpr int panel_width() {
   return (D + 63) / 64 * 64;
 }
 
+// Where element (row, col) of a shared tile of R rows lies: whole 64-column panels under the
+// 128-byte swizzle (wgmma::Panels), or, where NARROW, the first panel and then columns 64 .. 79 of
+// head dim 80 in a narrow panel of 32-byte rows (wgmma::narrow_offset). The forward takes the
+// narrow form; it holds head dim 80 in 80 columns where whole panels take 128.
+template <int R, bool NARROW>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  if (NARROW && col >= 64) return R * 64 + wgmma::narrow_offset(row, col - 64);
+  return wgmma::Panels<R>::offset(row, col);
+}
+
 template <int D, int BLK>
 struct Config {
   static_assert(BLK == 64 || BLK == 128, "the wgmma forward takes blocks of 64 and 128");
-  static constexpr int kWidth = panel_width<D>();
+  // Head dim 80 keeps its last 16 columns in a narrow panel (tile_offset): a tile then takes 80
+  // columns of shared memory, not 128, and four 64-row blocks fit an SM where two did.
+  static constexpr bool kNarrow = D == 80;
+  static constexpr int kWidth = kNarrow ? 80 : panel_width<D>();
   static constexpr int kGroups = BLK / 64;  // warpgroups, 64 query rows each
   static constexpr int kThreads = 128 * kGroups;
-  // A 64-row block takes 64-key tiles. With two panels, two thread blocks then fit an SM (80 KiB
+  // A 64-row block takes 64-key tiles. At head dim 128, two thread blocks then fit an SM (80 KiB
   // of shared memory each); with 128-key tiles one would (144 KiB) and idle through its barriers.
-  // With one panel (head dim 64), four fit (41 KiB, at most 128 registers a thread) where 128-key
-  // tiles fit three, and a short list no longer ends on a half-empty tile: the kernel is 4% faster
-  // at density 1 and 20% at 0.18 (OPT-1.3B shapes, bench/RESULTS.md session 24).
+  // At head dim 64, four fit (41 KiB, at most 128 registers a thread) where 128-key tiles fit
+  // three, and a short list no longer ends on a half-empty tile: the kernel is 4% faster at
+  // density 1 and 20% at 0.18 (OPT-1.3B shapes, bench/RESULTS.md session 24). Head dim 80, in 80
+  // columns, fits four too (51 KiB).
   static constexpr int kSegments = BLK == 64 ? 1 : 2;
   static constexpr int kKeys = 64 * kSegments;
-  static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 64 ? 4 : 2);
+  static constexpr int kMinBlocks = BLK == 128 ? 1 : (D == 128 ? 2 : 4);
   static constexpr int kQElements = BLK * kWidth, kTileElements = kKeys * kWidth;
   static constexpr int kBarriers = 5;  // Q's, and one for each of the two key and two value tiles
   template <typename T>
@@ -93,15 +107,15 @@ struct Config {
 // tile, which only its warpgroup's finished products read, so that global stores are 16 bytes wide
 // and coalesced; the swizzle keeps both the fragment writes and the row reads free of bank
 // conflicts. The forward's output and the backward's dQ, dK and dV leave this way.
-template <typename T, int D, int TILE_ROWS>
+template <typename T, int D, int TILE_ROWS, bool NARROW = false>
 __device__ __forceinline__ void store_warp_rows(const float (&acc)[D / 2], float factor_lo, float factor_hi, T* tile,
                                                 int warp_row, T* plane, int64_t stride, int row0, int limit) {
   const int lane = threadIdx.x % 32, c = (lane % 4) * 2, r_lo = warp_row + lane / 4;
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
-    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo, 8 * i + c)) =
+    *reinterpret_cast<uint32_t*>(tile + tile_offset<TILE_ROWS, NARROW>(r_lo, 8 * i + c)) =
         ptx::Mma<T>::pack(acc[4 * i] * factor_lo, acc[4 * i + 1] * factor_lo);
-    *reinterpret_cast<uint32_t*>(tile + wgmma::Panels<TILE_ROWS>::offset(r_lo + 8, 8 * i + c)) =
+    *reinterpret_cast<uint32_t*>(tile + tile_offset<TILE_ROWS, NARROW>(r_lo + 8, 8 * i + c)) =
         ptx::Mma<T>::pack(acc[4 * i + 2] * factor_hi, acc[4 * i + 3] * factor_hi);
   }
   __syncwarp();
@@ -111,31 +125,36 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[D / 2], float
     const int r = i / kPieces, col = (i % kPieces) * 8;
     if (row0 + r < limit)
       *reinterpret_cast<uint4*>(plane + static_cast<int64_t>(row0 + r) * stride + col) =
-          *reinterpret_cast<const uint4*>(tile + wgmma::Panels<TILE_ROWS>::offset(warp_row + r, col));
+          *reinterpret_cast<const uint4*>(tile + tile_offset<TILE_ROWS, NARROW>(warp_row + r, col));
   }
 }
 
 // The forward's operands as TMA maps (tma::planes_map), passed as a __grid_constant__ kernel
 // parameter: TMA reads a map where it lies, and the parameter space is where the launch puts it.
+// Each operand has two: [0] in 64-column boxes, [1] (head dim 80 only) the narrow panel's
+// 16-column boxes.
 struct ForwardMaps {
-  CUtensorMap q, k, v, pk, pv;
+  CUtensorMap q[2], k[2], v[2], pk[2], pv[2];
 };
 
 // Starts the TMA copy of rows [row0, row0 + ROWS) of plane (b, h) of `map`, whose boxes are
-// BOX_ROWS x 64, into rows [dst_row, dst_row + ROWS) of a panelled shared tile of TILE_ROWS rows,
-// completing on `barrier`; one thread issues it. Rows outside the plane arrive as zeros.
-template <int D, int TILE_ROWS, int ROWS, int BOX_ROWS = 64, typename T>
+// BOX_ROWS x 64, into rows [dst_row, dst_row + ROWS) of a shared tile of TILE_ROWS rows laid out as
+// tile_offset's, completing on `barrier`; one thread issues it. Where NARROW, map[1] brings
+// columns 64 .. 79 in 16-column boxes. Rows outside the plane arrive as zeros.
+template <int D, int TILE_ROWS, int ROWS, int BOX_ROWS = 64, bool NARROW = false, typename T>
 __device__ __forceinline__ void load_rows_by_tma(T* tile, int dst_row, const CUtensorMap* map, int row0, int b, int h,
                                                  uint64_t* barrier) {
 #pragma unroll
-  for (int r = 0; r < ROWS; r += BOX_ROWS)
+  for (int r = 0; r < ROWS; r += BOX_ROWS) {
 #pragma unroll
-    for (int c = 0; c < D; c += 64)
+    for (int c = 0; c < (NARROW ? 64 : D); c += 64)
       tma::load_box(tile + c * TILE_ROWS + (dst_row + r) * 64, map, c, row0 + r, h, b, barrier);
+    if constexpr (NARROW) tma::load_box(tile + 64 * TILE_ROWS + (dst_row + r) * 16, map + 1, 64, row0 + r, h, b, barrier);
+  }
 }
 // The bytes such a copy lands, zeros included: what its barrier expects.
-template <typename T, int D, int ROWS>
-constexpr uint32_t kRowsBytes = ROWS * panel_width<D>() * sizeof(T);
+template <typename T, int D, int ROWS, bool NARROW = false>
+constexpr uint32_t kRowsBytes = ROWS * (NARROW ? 80 : panel_width<D>()) * sizeof(T);
 
 // The keys a query block visits, as 64-key segments: the prefix's, then BLK / 64 segments of each
 // listed key block in list order; segment numbers at or past n are empty.
@@ -152,7 +171,7 @@ struct Segments {
   // Starts the copy of segment u's keys (or values) into rows [64 slot, 64 slot + 64) of a tile of
   // TILE_ROWS rows, one 64-column box per panel, completing on `barrier`; one thread issues it. A
   // segment past the end reads the box below the last row, which TMA fills with zeros.
-  template <int D, int TILE_ROWS>
+  template <int D, int TILE_ROWS, bool NARROW>
   __device__ __forceinline__ void load(T* tile, int slot, int u, const CUtensorMap* map, const CUtensorMap* prefix_map,
                                        int b, int h, uint64_t* barrier) const {
     int row0 = seq;
@@ -163,7 +182,7 @@ struct Segments {
       const int w = u - n_prefix;
       row0 = list[w / kPerBlock] * BLK + (w % kPerBlock) * 64;
     }
-    load_rows_by_tma<D, TILE_ROWS, 64>(tile, 64 * slot, map, row0, b, h, barrier);
+    load_rows_by_tma<D, TILE_ROWS, 64, 64, NARROW>(tile, 64 * slot, map, row0, b, h, barrier);
   }
 
   // Segment u's first key and the last key each of a thread's two query rows may see. Returns
@@ -220,7 +239,8 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
                                   p.capacity, 0, qb);
   const Segments<T, BLK> segments(p, s_list, n_list, qb);
   const int n_tiles = (segments.n + kSegments - 1) / kSegments;
-  constexpr uint32_t kTileBytes = kRowsBytes<T, D, kKeys>;
+  constexpr bool kNarrow = C::kNarrow;
+  constexpr uint32_t kTileBytes = kRowsBytes<T, D, kKeys, kNarrow>;
   // Thread 0 starts every copy: tile t's keys (or values) on barrier 1 + t % 2 (3 + t % 2), and
   // the others wait for that barrier's phase t / 2 % 2, as each buffer takes every second tile.
   auto issue = [&](int t, bool values) {
@@ -229,16 +249,16 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
     tma::arrive_expecting(bar, kTileBytes);
 #pragma unroll
     for (int g = 0; g < kSegments; ++g)
-      segments.template load<D, kKeys>(tile, g, t * kSegments + g, values ? &maps.v : &maps.k,
-                                       values ? &maps.pv : &maps.pk, b, h, bar);
+      segments.template load<D, kKeys, kNarrow>(tile, g, t * kSegments + g, values ? maps.v : maps.k,
+                                                values ? maps.pv : maps.pk, b, h, bar);
   };
   auto wait_for = [&](int t, bool values) { tma::wait(bars + (values ? 3 : 1) + (t & 1), (t >> 1) & 1); };
 
   // Every buffer is filled at once: Q, the first two key tiles and the first two value tiles. A
   // block with one or two tiles (low densities) then waits for memory once, not three times.
   if (n_tiles > 0 && threadIdx.x == 0) {
-    tma::arrive_expecting(bars, kRowsBytes<T, D, BLK>);
-    load_rows_by_tma<D, BLK, BLK>(s_q, 0, &maps.q, qb * BLK, b, h, bars);
+    tma::arrive_expecting(bars, kRowsBytes<T, D, BLK, kNarrow>);
+    load_rows_by_tma<D, BLK, BLK, 64, kNarrow>(s_q, 0, maps.q, qb * BLK, b, h, bars);
     issue(0, false);
     issue(0, true);
     if (n_tiles > 1) {
@@ -278,8 +298,12 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 #pragma unroll
     for (int kk = 0; kk < D; kk += 16) {
       // K-major: a k-step is 32 bytes along the 128-byte rows of one panel; 8-row atoms 1 KiB apart.
-      const uint64_t da = wgmma::descriptor(q_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
-      const uint64_t db = wgmma::descriptor(k_tile + (kk / 64) * kKeys * 64 + kk % 64, 16, 1024);
+      // The narrow panel's rows are one k-step each; its 8-row atoms are 256 bytes apart.
+      const bool narrow = kNarrow && kk >= 64;
+      const uint64_t da = narrow ? wgmma::descriptor_32b(s_q + 64 * BLK + group * 64 * 16, 16, 256)
+                                 : wgmma::descriptor(q_rows + (kk / 64) * BLK * 64 + kk % 64, 16, 1024);
+      const uint64_t db = narrow ? wgmma::descriptor_32b(k_tile + 64 * kKeys, 16, 256)
+                                 : wgmma::descriptor(k_tile + (kk / 64) * kKeys * 64 + kk % 64, 16, 1024);
       wgmma::WgmmaSS<T, kKeys>::run(s, da, db, kk > 0);
     }
     wgmma::commit();
@@ -290,7 +314,15 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
     for (int ks = 0; ks < kKeys / 16; ++ks) {
       // MN-major: a k-step is 16 key rows of 128 bytes; head-dim panels kKeys rows apart.
       const uint64_t db = wgmma::descriptor(v_tile + ks * 16 * 64, kKeys * 64 * sizeof(T), 1024);
-      wgmma::WgmmaRS<T, D>::run(o, pf[ks], db);
+      if constexpr (kNarrow) {
+        // Output columns 0 .. 63 from the first panel, 64 .. 79 (the accumulator's last 8
+        // registers) from the narrow one, 16 key rows of 32 bytes a k-step.
+        wgmma::WgmmaRS<T, 64>::run(*reinterpret_cast<float(*)[32]>(o), pf[ks], db);
+        wgmma::WgmmaRS<T, 16>::run(*reinterpret_cast<float(*)[8]>(o + 32), pf[ks],
+                                   wgmma::descriptor_32b(v_tile + 64 * kKeys + ks * 16 * 16, kKeys * 16 * sizeof(T), 256));
+      } else {
+        wgmma::WgmmaRS<T, D>::run(o, pf[ks], db);
+      }
     }
     wgmma::commit();
   };
@@ -422,7 +454,7 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
   // The output leaves through this warp's own rows of the Q tile, which only this warpgroup's
   // finished products read.
   const int warp_row = group * 64 + warp * 16;
-  store_warp_rows<T, D, BLK>(o, f_lo, f_hi, s_q, warp_row, p.out.plane<T>(b, h), p.out.ss, qb * BLK + warp_row, p.seq);
+  store_warp_rows<T, D, BLK, kNarrow>(o, f_lo, f_hi, s_q, warp_row, p.out.plane<T>(b, h), p.out.ss, qb * BLK + warp_row, p.seq);
 }
 
 }  // namespace sm90
@@ -431,10 +463,10 @@ __global__ void __launch_bounds__(Config<D, BLK>::kThreads, Config<D, BLK>::kMin
 // operand is absent). Encoding a map is host work only (about a microsecond), so each launch takes
 // fresh ones.
 template <typename T>
-CUtensorMap operand_map(const TensorView& t, const char* name, int box_rows = 64) {
+CUtensorMap operand_map(const TensorView& t, const char* name, int box_rows = 64, int box_cols = 64) {
   if (!t.defined()) return CUtensorMap{};
   return tma::planes_map<T>(t.ptr<const T>(), t.size(0), t.size(1), t.size(2), t.size(3), t.stride(0), t.stride(1),
-                            t.stride(2), name, box_rows);
+                            t.stride(2), name, box_rows, box_cols);
 }
 
 template <typename T, int D, int BLK>
@@ -446,9 +478,18 @@ void launch_forward_sm90(const AttentionForwardArgs& a) {
   auto kernel = sm90::forward_kernel<T, D, BLK>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "attention forward (wgmma) shared memory");
-  const sm90::ForwardMaps maps{operand_map<T>(a.q, "q"), operand_map<T>(a.k, "k"), operand_map<T>(a.v, "v"),
-                               p.prefix > 0 ? operand_map<T>(a.prefix_k, "prefix_k") : CUtensorMap{},
-                               p.prefix > 0 ? operand_map<T>(a.prefix_v, "prefix_v") : CUtensorMap{}};
+  // The narrow panel's maps only where the forward keeps one (head dim 80).
+  auto pair = [](const TensorView& t, const char* name, bool present, CUtensorMap(&out)[2]) {
+    if (!present) return;
+    out[0] = operand_map<T>(t, name);
+    if (C::kNarrow) out[1] = operand_map<T>(t, name, 64, 16);
+  };
+  sm90::ForwardMaps maps{};
+  pair(a.q, "q", true, maps.q);
+  pair(a.k, "k", true, maps.k);
+  pair(a.v, "v", true, maps.v);
+  pair(a.prefix_k, "prefix_k", p.prefix > 0, maps.pk);
+  pair(a.prefix_v, "prefix_v", p.prefix > 0, maps.pv);
   const dim3 grid = rank_grid(p, p.n_q, static_cast<int>(a.q.size(0)));
   kernel<<<grid, C::kThreads, smem, stream_of(a.q.stream)>>>(p, maps);
   check_cuda(cudaGetLastError(), "attention forward (wgmma) kernel launch");
