@@ -29,7 +29,8 @@
 // The two warpgroups of a 128-row block also interleave on the tensor cores by themselves.
 //
 // Shared memory: Q (BLK x D), two key tiles and two value tiles, all in 128-byte-swizzled 64-column
-// panels (wgmma::Panels), each with its TMA barrier. At the top of iteration t every thread waits
+// panels (wgmma::Panels) but for head dim 80's last 16 columns, which take a narrow panel
+// (tile_offset, Config::kNarrow); each tile has its TMA barrier. At the top of iteration t every thread waits
 // for K_t's and V_{t-1}'s barriers (their copies started one iteration earlier); then one block-wide
 // barrier certifies that every warpgroup has finished S_{t-1} and P_{t-2} V_{t-2}, whose buffers
 // the copies of K_{t+1} and V_t then reuse.
