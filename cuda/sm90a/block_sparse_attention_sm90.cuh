@@ -170,8 +170,8 @@ struct Segments {
         n(n_prefix + n_list * kPerBlock) {}
 
   // Starts the copy of segment u's keys (or values) into rows [64 slot, 64 slot + 64) of a tile of
-  // TILE_ROWS rows, one 64-column box per panel, completing on `barrier`; one thread issues it. A
-  // segment past the end reads the box below the last row, which TMA fills with zeros.
+  // TILE_ROWS rows (load_rows_by_tma: a box per panel), completing on `barrier`; one thread issues
+  // it. A segment past the end reads the box below the last row, which TMA fills with zeros.
   template <int D, int TILE_ROWS, bool NARROW>
   __device__ __forceinline__ void load(T* tile, int slot, int u, const CUtensorMap* map, const CUtensorMap* prefix_map,
                                        int b, int h, uint64_t* barrier) const {
