@@ -145,9 +145,9 @@ CUtensorMap matrix_map(const T* base, int64_t rows, int64_t cols, int box_rows, 
 
 // The map of a [batch, heads, rows, cols] operand at `base` with element strides sb, sh and ss
 // (the last dimension contiguous), read in boxes of box_rows rows x box_cols columns of one (batch,
-// head) plane: 64 columns swizzled as matrix_map's, or 16 (32-byte rows) under the 32-byte swizzle. The strides may come in any order (heads inside rows, as a
-// transposed [batch, rows, heads, cols] tensor has them); they are whole 16-byte pieces, as the
-// attention launchers require. Rows and columns outside the plane read as zeros, so a box at row
+// head) plane: 64 columns swizzled as matrix_map's, or 16 (32-byte rows) under the 32-byte swizzle.
+// The strides may come in any order (heads inside rows, as a transposed [batch, rows, heads, cols]
+// tensor has them); they are whole 16-byte pieces, as the attention launchers require. Rows and columns outside the plane read as zeros, so a box at row
 // `rows` fills its tile with zeros. An empty operand gets a blank map, which no kernel reads.
 template <typename T>
 CUtensorMap planes_map(const T* base, int64_t batch, int64_t heads, int64_t rows, int64_t cols, int64_t sb,
